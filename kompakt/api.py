@@ -1,0 +1,167 @@
+"""`kompakt.compile` and `kompakt.load`: the public entry points. Orchestration only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from kompakt.errors import KompaktError, did_you_mean
+from kompakt.ir.metadata import PIPELINE_KEY, TARGET_KEY
+from kompakt.lowering import capture_module, load_onnx
+from kompakt.lowering.normalize import normalize
+from kompakt.passes.base import CompileContext
+from kompakt.passes.instruments import DumpIRInstrument
+from kompakt.passes.manager import PassManager
+from kompakt.passes.pipeline import Pipeline
+from kompakt.report import LatencyEstimate, Report, SizeStats
+from kompakt.runtime.backends import BACKENDS
+from kompakt.runtime.compiled_model import CompiledModel
+from kompakt.runtime.profile import observed_shapes, synthetic_feeds
+from kompakt.targets.cost_model import CostModel
+from kompakt.targets.target import Target
+
+OPTIONS = {
+    "dynamic_shapes": "which input dims stay symbolic (see kompakt.lowering.from_torch.DynamicSpec)",
+    "device": "where the reference backend runs ('cpu', 'cuda')",
+    "dump_ir": "folder to write the IR after every pass",
+    "verify": "verify the IR after every pass (default: env KOMPAKT_VERIFY)",
+    "progress": "show progress bars on long passes (default True)",
+    "seed": "seed for anything random (default 0)",
+    "estimate_latency": "run the model once at the example shapes to predict its time (default True)",
+}
+
+
+def compile(  # noqa: A001  (the name users expect: kompakt.compile)
+    model: torch.nn.Module | str | os.PathLike | onnx.ModelProto | ir.Model,
+    example_inputs: Any = None,
+    target: str | Target = "cpu",
+    calibration: Any = None,
+    pipeline: str | Pipeline | None = None,
+    backend: str | None = None,
+    **options: Any,
+) -> CompiledModel:
+    """Compiles a model for a target.
+
+    Args:
+        model: An ``nn.Module`` (captured with torch.export), a path to an ``.onnx`` file, an
+            ``onnx.ModelProto``, or an ``onnx_ir.Model`` (copied, not modified).
+        example_inputs: Inputs to capture a module with (a tensor, tuple or dict); for ONNX
+            inputs, optional shapes for the latency estimate.
+        target: ``"<device>[-<recipe tokens>]"``, e.g. ``"cpu-w4"``; see `Target.parse`.
+        calibration: Calibration batches for passes that need them.
+        pipeline: Overrides the target's default pipeline (a pipeline string).
+        backend: ``"reference"`` or ``"onnxruntime"``; default: onnxruntime for the cpu device,
+            reference otherwise.
+        **options: See `OPTIONS`.
+
+    Raises:
+        KompaktError: with the op, node, option, file or token at fault.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise KompaktError(
+            f"unknown option '{unknown[0]}'{did_you_mean(unknown[0], OPTIONS)}; options: {', '.join(OPTIONS)}"
+        )
+    target = Target.parse(target)
+    pipeline = _pipeline(pipeline, target)
+    manager = PassManager(pipeline, verify=options.get("verify"))
+    backend = backend or ("onnxruntime" if target.device.kind == "cpu" else "reference")
+    if backend not in BACKENDS:
+        raise KompaktError(f"unknown backend '{backend}'{did_you_mean(backend, BACKENDS)}; backends: {', '.join(BACKENDS)}")
+    device = options.get("device") or ("cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu")
+
+    graph = _capture(model, example_inputs, options.get("dynamic_shapes"))
+    feeds, shapes_note = _example_feeds(graph, model, example_inputs)
+    cost = CostModel(target.device)
+    estimate = options.get("estimate_latency", True)
+    before_size = SizeStats.of(graph)
+    latency_before = _estimate(cost, graph, feeds, shapes_note) if estimate else None
+
+    ctx = CompileContext(
+        target=target,
+        cost_model=cost,
+        calibration=calibration,
+        seed=options.get("seed", 0),
+        progress=options.get("progress", True),
+    )
+    if options.get("dump_ir"):
+        ctx.instruments.append(DumpIRInstrument(options["dump_ir"]))
+    records = manager.run(graph, ctx)
+    graph.metadata_props[PIPELINE_KEY] = str(pipeline)
+    graph.metadata_props[TARGET_KEY] = str(target)
+
+    report = Report(
+        target=str(target),
+        device=target.device.description,
+        backend=backend,
+        pipeline=str(pipeline),
+        passes=records,
+        size_before=before_size,
+        size_after=SizeStats.of(graph),
+    )
+    if estimate:
+        report.latency_before = latency_before
+        report.latency_after = _estimate(cost, graph, feeds, shapes_note)
+    return CompiledModel(graph, target=target, pipeline=str(pipeline), backend=backend, device=device, report=report)
+
+
+def load(directory: str | os.PathLike, backend: str | None = None, device: str = "cpu") -> CompiledModel:
+    """Loads a model saved with `CompiledModel.save` (ONNX + safetensors + JSON; no pickle)."""
+    from kompakt.runtime.artifact import load_artifact
+
+    return load_artifact(directory, backend=backend, device=device)
+
+
+def _pipeline(pipeline: str | Pipeline | None, target: Target) -> Pipeline:
+    if pipeline is None:
+        return target.default_pipeline()
+    if isinstance(pipeline, Pipeline):
+        return pipeline
+    if isinstance(pipeline, str):
+        return Pipeline.parse(pipeline)
+    raise KompaktError(f"pipeline must be a pipeline string, got {type(pipeline).__name__}")
+
+
+def _capture(model: Any, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
+    if isinstance(model, torch.nn.Module):
+        return capture_module(model, example_inputs, dynamic_shapes)
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        return load_onnx(model)
+    if isinstance(model, ir.Model):
+        return normalize(model.clone(), source=f"ir.Model '{model.graph.name or '?'}'")
+    raise KompaktError(
+        "model must be a torch.nn.Module, a path to an .onnx file, an onnx.ModelProto or an "
+        f"onnx_ir.Model; got {type(model).__name__}"
+    )
+
+
+def _example_feeds(graph: ir.Model, model: Any, example_inputs: Any) -> tuple[dict[str, torch.Tensor], str]:
+    names = [v.name for v in graph.graph.inputs]
+    if example_inputs is None:
+        return synthetic_feeds(graph)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor) and k in names}
+    else:
+        tensors = dict(zip(names, [t for t in example_inputs if isinstance(t, torch.Tensor)], strict=False))
+    if set(tensors) != set(names):
+        return synthetic_feeds(graph)
+    shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in tensors.items())
+    return tensors, f"example inputs {shapes}"
+
+
+def _estimate(cost: CostModel, graph: ir.Model, feeds, note: str) -> LatencyEstimate | None:
+    try:
+        shapes = observed_shapes(graph, feeds)
+    except KompaktError:
+        shapes = {}  # the reference runtime cannot run it: static shapes only
+        note += " (static shapes only: the reference runtime could not run the model)"
+    nodes = cost.estimate(graph, shapes)
+    return LatencyEstimate(shapes=note, seconds=cost.total_seconds(nodes), nodes=nodes)
+

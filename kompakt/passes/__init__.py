@@ -1,0 +1,1 @@
+"""Passes: the `Pass` base, registry, pipeline strings, the PassManager and the passes."""

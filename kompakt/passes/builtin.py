@@ -1,0 +1,11 @@
+"""Imports every built-in pass module so their @register_pass decorators run."""
+
+from kompakt.passes.cleanup import (  # noqa: F401
+    canonicalize,
+    eliminate_common_subexpressions,
+    fold_constants,
+    gemm_to_matmul,
+    infer_shapes,
+    remove_dead_code,
+)
+from kompakt.passes.quantize import quantize_weights  # noqa: F401

@@ -1,0 +1,1 @@
+"""Canonicalization passes: one form for each computation, no dead or repeated work."""

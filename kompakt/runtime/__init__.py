@@ -1,0 +1,1 @@
+"""Execution: the reference runtime's plan, backends, compiled models and saved artifacts."""

@@ -1,0 +1,117 @@
+"""Backends: what executes a compiled IR. Each takes named torch tensors, returns a list.
+
+- ``reference``: kompakt's own torch op table (CPU or CUDA); the semantic definition.
+- ``onnxruntime``: the IR serialized and run by an ONNX Runtime session (CPU); the default for
+  ``cpu*`` targets, where ORT fuses quantized MatMuls into MatMulNBits.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from kompakt.errors import KompaktError
+from kompakt.ir.builder import IR_VERSION
+from kompakt.runtime.plan import ExecutionPlan
+
+BACKENDS = ("reference", "onnxruntime")
+
+# A protobuf message cannot exceed 2 GiB; bigger models go to ORT through a file.
+_IN_MEMORY_LIMIT = 1_800_000_000
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...
+
+
+class ReferenceBackend:
+    """Runs the IR with the reference runtime on ``device``."""
+
+    name = "reference"
+
+    def __init__(self, model: ir.Model, device: str | torch.device = "cpu") -> None:
+        self.plan = ExecutionPlan(model, device)
+        self.device = self.plan.device
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        return self.plan.run({k: v.to(self.device) for k, v in feeds.items()})
+
+
+class OnnxRuntimeBackend:
+    """Runs the IR in an ONNX Runtime CPU session.
+
+    Args:
+        model: The IR (not modified).
+        threads: intra-op threads; ORT's default (one per physical core) when None.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: ir.Model, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        try:
+            source = self._serialize(model)
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as err:
+            raise KompaktError(f"onnxruntime cannot load this model: {_first_line(err)}") from err
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def _serialize(self, model: ir.Model) -> bytes | str:
+        saved = model.ir_version
+        model.ir_version = IR_VERSION  # ORT 1.31 rejects IR > 13
+        try:
+            weight_bytes = sum(
+                v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+            )
+            if weight_bytes < _IN_MEMORY_LIMIT:
+                return ir.to_proto(model).SerializeToString()
+            self._tmp = tempfile.TemporaryDirectory(prefix="kompakt-ort-")
+            path = Path(self._tmp.name) / "model.onnx"
+            ir.save(model, path, external_data="model.onnx.data")
+            return str(path)
+        finally:
+            model.ir_version = saved
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        inputs = {name: _to_numpy(name, t) for name, t in feeds.items()}
+        try:
+            outputs = self.session.run(None, inputs)
+        except Exception as err:
+            raise KompaktError(f"onnxruntime failed: {_first_line(err)}") from err
+        return [torch.from_numpy(np.asarray(o)) for o in outputs]
+
+
+def _to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype == torch.bfloat16:
+        raise KompaktError(f"input '{name}': the onnxruntime backend cannot take bfloat16 tensors")
+    return tensor.detach().cpu().contiguous().numpy()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def make_backend(name: str, model: ir.Model, device: str | torch.device = "cpu") -> Backend:
+    if name == "reference":
+        return ReferenceBackend(model, device)
+    if name == "onnxruntime":
+        if torch.device(device).type != "cpu":
+            raise KompaktError("the onnxruntime backend runs on the CPU only; use backend='reference'")
+        return OnnxRuntimeBackend(model)
+    raise KompaktError(f"unknown backend '{name}'; backends: {', '.join(BACKENDS)}")
