@@ -45,7 +45,10 @@ def ort_output(session: ort.InferenceSession, feeds: dict[str, torch.Tensor]) ->
 
 
 def machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''}".strip() + f", {torch.get_num_threads()} threads"
+    return (
+        f"{platform.machine()} {platform.processor() or ''}".strip()
+        + f", {torch.get_num_threads()} threads"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

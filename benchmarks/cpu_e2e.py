@@ -25,7 +25,14 @@ import transformers as hf
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 import kompakt
-from benchmarks.common import machine, markdown_table, median_ms, ort_output, ort_runner, ort_session
+from benchmarks.common import (
+    machine,
+    markdown_table,
+    median_ms,
+    ort_output,
+    ort_runner,
+    ort_session,
+)
 from kompakt.eval.embeddings import SENTENCES, fidelity, mean_pool
 from kompakt.ir.builder import IR_VERSION
 from kompakt.lowering import capture_module
@@ -35,14 +42,21 @@ from kompakt.models import load_minilm
 def llama_layer(hidden: int, mlp: int) -> torch.nn.Module:
     torch.manual_seed(0)
     config = hf.LlamaConfig(
-        vocab_size=1024, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=1,
-        num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128, max_position_embeddings=4096,
+        vocab_size=1024,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=1,
+        num_attention_heads=hidden // 128,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
     )
     return hf.LlamaModel(config).eval()
 
 
 def ort_quantized(fp32: onnx.ModelProto, accuracy_level: int | None) -> onnx.ModelProto:
-    quantizer = MatMulNBitsQuantizer(fp32, bits=4, block_size=128, is_symmetric=False, accuracy_level=accuracy_level)
+    quantizer = MatMulNBitsQuantizer(
+        fp32, bits=4, block_size=128, is_symmetric=False, accuracy_level=accuracy_level
+    )
     quantizer.process()
     return quantizer.model.model
 
@@ -68,11 +82,29 @@ def bench_model(name, model, cases, repeats, score):
         rows.append([name, label, "torch eager fp32", f"{base:.2f}", "1.00x", "reference"])
         for vname, session in variants.items():
             t = median_ms(ort_runner(session, feeds), repeats)
-            rows.append([name, label, vname, f"{t:.2f}", f"{base / t:.2f}x", score(reference, ort_output(session, feeds), feeds)])
+            rows.append(
+                [
+                    name,
+                    label,
+                    vname,
+                    f"{t:.2f}",
+                    f"{base / t:.2f}x",
+                    score(reference, ort_output(session, feeds), feeds),
+                ]
+            )
         t = median_ms(lambda f=feeds: compiled(**f), repeats)
         out = compiled(**feeds)
         out = out[0] if isinstance(out, tuple) else out
-        rows.append([name, label, "kompakt cpu-w4", f"{t:.2f}", f"{base / t:.2f}x", score(reference, out, feeds)])
+        rows.append(
+            [
+                name,
+                label,
+                "kompakt cpu-w4",
+                f"{t:.2f}",
+                f"{base / t:.2f}x",
+                score(reference, out, feeds),
+            ]
+        )
     print(f"  {name}: kompakt cpu-w4 compile {compile_s:.1f} s", flush=True)
     return rows
 
@@ -97,7 +129,9 @@ def embedding_cosine(reference, output, feeds) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--quick", action="store_true", help="small Llama layer (hidden 1024) for a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="small Llama layer (hidden 1024) for a smoke run"
+    )
     args = parser.parse_args()
     hidden, mlp = (1024, 2816) if args.quick else (4096, 11008)
     print(f"cpu_e2e on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
@@ -105,7 +139,9 @@ def main() -> None:
     rows = []
     layer = llama_layer(hidden, mlp)
     gen = torch.Generator().manual_seed(0)
-    cases = [(f"b1 s{s}", {"input_ids": torch.randint(0, 1024, (1, s), generator=gen)}) for s in (1, 128)]
+    cases = [
+        (f"b1 s{s}", {"input_ids": torch.randint(0, 1024, (1, s), generator=gen)}) for s in (1, 128)
+    ]
     rows += bench_model(f"Llama layer h{hidden}", layer, cases, args.repeats, relative_error)
     del layer
 
@@ -113,11 +149,17 @@ def main() -> None:
     cases = []
     for batch in (1, 32):
         enc = tokenizer((list(SENTENCES) * 2)[:batch], padding=True, return_tensors="pt")
-        cases.append((f"b{batch}", {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}))
+        cases.append(
+            (f"b{batch}", {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        )
     rows += bench_model("MiniLM-L6", minilm, cases, args.repeats, embedding_cosine)
 
     print()
-    print(markdown_table(["model", "shape", "variant", "ms (median)", "vs torch fp32", "fidelity"], rows))
+    print(
+        markdown_table(
+            ["model", "shape", "variant", "ms (median)", "vs torch fp32", "fidelity"], rows
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,13 +47,17 @@ class ZeroSmallWeights(kompakt.Pass):
             keep = weight.abs() >= self.threshold
             zeroed += int((~keep).sum())
             total += weight.numel()
-            site.weight.const_value = from_torch(torch.where(keep, weight, 0), name=site.weight.name)
+            site.weight.const_value = from_torch(
+                torch.where(keep, weight, 0), name=site.weight.name
+            )
         return kompakt.PassResult(changed=zeroed > 0, stats={"zeroed": zeroed, "of": total})
 
 
 def main() -> kompakt.CompiledModel:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)
+    ).eval()
     x = torch.randn(4, 64)
     compiled = kompakt.compile(
         model,

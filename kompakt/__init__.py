@@ -1,10 +1,10 @@
 """kompakt: a compression compiler for neural networks, LLMs first.
 
-    import kompakt
-    cm = kompakt.compile(model, example_inputs=(ids,), target="cpu-w4")
-    logits = cm(ids)
-    cm.export_onnx("model.onnx")
-    print(cm.report())
+import kompakt
+cm = kompakt.compile(model, example_inputs=(ids,), target="cpu-w4")
+logits = cm(ids)
+cm.export_onnx("model.onnx")
+print(cm.report())
 """
 
 from kompakt.api import compile, load

@@ -72,15 +72,19 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
     manager = PassManager(pipeline, verify=options.get("verify"))
     backend = backend or ("onnxruntime" if target.device.kind == "cpu" else "reference")
     if backend not in BACKENDS:
-        raise KompaktError(f"unknown backend '{backend}'{did_you_mean(backend, BACKENDS)}; backends: {', '.join(BACKENDS)}")
-    device = options.get("device") or ("cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu")
+        raise KompaktError(
+            f"unknown backend '{backend}'{did_you_mean(backend, BACKENDS)}; backends: {', '.join(BACKENDS)}"
+        )
+    device = options.get("device") or (
+        "cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu"
+    )
 
-    graph = _capture(model, example_inputs, options.get("dynamic_shapes"))
-    feeds, shapes_note = _example_feeds(graph, model, example_inputs)
+    captured = _capture(model, example_inputs, options.get("dynamic_shapes"))
+    feeds, shapes_note = _example_feeds(captured, example_inputs)
     cost = CostModel(target.device)
     estimate = options.get("estimate_latency", True)
-    before_size = SizeStats.of(graph)
-    latency_before = _estimate(cost, graph, feeds, shapes_note) if estimate else None
+    before_size = SizeStats.of(captured)
+    latency_before = _estimate(cost, captured, feeds, shapes_note) if estimate else None
 
     ctx = CompileContext(
         target=target,
@@ -91,9 +95,9 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
     )
     if options.get("dump_ir"):
         ctx.instruments.append(DumpIRInstrument(options["dump_ir"]))
-    records = manager.run(graph, ctx)
-    graph.metadata_props[PIPELINE_KEY] = str(pipeline)
-    graph.metadata_props[TARGET_KEY] = str(target)
+    records = manager.run(captured, ctx)
+    captured.metadata_props[PIPELINE_KEY] = str(pipeline)
+    captured.metadata_props[TARGET_KEY] = str(target)
 
     report = Report(
         target=str(target),
@@ -102,15 +106,24 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         pipeline=str(pipeline),
         passes=records,
         size_before=before_size,
-        size_after=SizeStats.of(graph),
+        size_after=SizeStats.of(captured),
     )
     if estimate:
         report.latency_before = latency_before
-        report.latency_after = _estimate(cost, graph, feeds, shapes_note)
-    return CompiledModel(graph, target=target, pipeline=str(pipeline), backend=backend, device=device, report=report)
+        report.latency_after = _estimate(cost, captured, feeds, shapes_note)
+    return CompiledModel(
+        captured,
+        target=target,
+        pipeline=str(pipeline),
+        backend=backend,
+        device=device,
+        report=report,
+    )
 
 
-def load(directory: str | os.PathLike, backend: str | None = None, device: str = "cpu") -> CompiledModel:
+def load(
+    directory: str | os.PathLike, backend: str | None = None, device: str = "cpu"
+) -> CompiledModel:
     """Loads a model saved with `CompiledModel.save` (ONNX + safetensors + JSON; no pickle)."""
     from kompakt.runtime.artifact import load_artifact
 
@@ -140,18 +153,23 @@ def _capture(model: Any, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
     )
 
 
-def _example_feeds(graph: ir.Model, model: Any, example_inputs: Any) -> tuple[dict[str, torch.Tensor], str]:
-    names = [v.name for v in graph.graph.inputs]
+def _example_feeds(captured: ir.Model, example_inputs: Any) -> tuple[dict[str, torch.Tensor], str]:
+    """Inputs to measure shapes with: the examples when they cover every graph input, else
+    synthetic ones (symbolic dims = 1), with a note saying which."""
+    names = [v.name for v in captured.graph.inputs]
     if example_inputs is None:
-        return synthetic_feeds(graph)
+        return synthetic_feeds(captured)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, Mapping):
-        tensors = {k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor) and k in names}
+        tensors = {
+            k: v for k, v in example_inputs.items() if isinstance(v, torch.Tensor) and k in names
+        }
     else:
-        tensors = dict(zip(names, [t for t in example_inputs if isinstance(t, torch.Tensor)], strict=False))
+        given = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+        tensors = dict(zip(names, given, strict=False))
     if set(tensors) != set(names):
-        return synthetic_feeds(graph)
+        return synthetic_feeds(captured)
     shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in tensors.items())
     return tensors, f"example inputs {shapes}"
 
@@ -164,4 +182,3 @@ def _estimate(cost: CostModel, graph: ir.Model, feeds, note: str) -> LatencyEsti
         note += " (static shapes only: the reference runtime could not run the model)"
     nodes = cost.estimate(graph, shapes)
     return LatencyEstimate(shapes=note, seconds=cost.total_seconds(nodes), nodes=nodes)
-

@@ -27,19 +27,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kompakt", description="A compression compiler for neural networks.")
+    parser = argparse.ArgumentParser(
+        prog="kompakt", description="A compression compiler for neural networks."
+    )
     sub = parser.add_subparsers(dest="command")
 
     p = sub.add_parser("compile", help="compile an ONNX model for a target and write ONNX")
     p.add_argument("input", help="input .onnx file")
-    p.add_argument("-t", "--target", default="cpu", help="target, e.g. cpu-w4 (see `kompakt targets`)")
+    p.add_argument(
+        "-t", "--target", default="cpu", help="target, e.g. cpu-w4 (see `kompakt targets`)"
+    )
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
-    p.add_argument("--pipeline", help="pipeline string overriding the target's (see `kompakt passes`)")
+    p.add_argument(
+        "--pipeline", help="pipeline string overriding the target's (see `kompakt passes`)"
+    )
     p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass into DIR")
     p.add_argument("--verbose", action="store_true", help="print every row of the report")
+    p.add_argument(
+        "--matmulnbits",
+        action="store_true",
+        help="write quantized MatMuls as ONNX Runtime's MatMulNBits (default: standard DequantizeLinear)",
+    )
     p.set_defaults(run=_compile)
 
-    p = sub.add_parser("inspect", help="ops, parameters and bytes by dtype of an ONNX file or saved model")
+    p = sub.add_parser(
+        "inspect", help="ops, parameters and bytes by dtype of an ONNX file or saved model"
+    )
     p.add_argument("path", help=".onnx file or folder written by CompiledModel.save")
     p.set_defaults(run=_inspect)
 
@@ -49,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list devices and recipe tokens")
     p.set_defaults(run=_targets)
 
-    p = sub.add_parser("demo", help="compress all-MiniLM-L6-v2 (bundled) and compare size, fidelity, speed")
+    p = sub.add_parser(
+        "demo", help="compress all-MiniLM-L6-v2 (bundled) and compare size, fidelity, speed"
+    )
     p.add_argument("--repeats", type=int, default=20, help="timed runs per measurement (median)")
     p.set_defaults(run=_demo)
     return parser
@@ -61,7 +76,7 @@ def _compile(args) -> int:
 
     check_writable(args.output)  # fail before the (possibly long) compile
     compiled = compile(args.input, target=args.target, pipeline=args.pipeline, dump_ir=args.dump_ir)
-    path = compiled.export_onnx(args.output)
+    path = compiled.export_onnx(args.output, matmulnbits=args.matmulnbits)
     print(compiled.render_report(verbose=args.verbose))
     print(f"\nwrote {path}")
     return 0
@@ -75,8 +90,12 @@ def _inspect(args) -> int:
     model = load_onnx(path / "model.onnx" if path.is_dir() else path)
     graph = model.graph
     size = SizeStats.of(model)
-    ops = collections.Counter((f"{n.domain}::{n.op_type}" if n.domain else n.op_type) for n in graph)
-    print(f"{path}: graph '{graph.name}', opset {model.opset_imports.get('', '?')}, {graph.num_nodes()} nodes")
+    ops = collections.Counter(
+        (f"{n.domain}::{n.op_type}" if n.domain else n.op_type) for n in graph
+    )
+    print(
+        f"{path}: graph '{graph.name}', opset {model.opset_imports.get('', '?')}, {graph.num_nodes()} nodes"
+    )
     for label, values in (("inputs", graph.inputs), ("outputs", graph.outputs)):
         from kompakt.ir.printer import format_type
 
@@ -98,7 +117,9 @@ def _passes(args) -> int:
     for name, cls in all_passes().items():
         print(f"{name}: {cls.summary()}")
         if cls.requires or cls.provides:
-            print(f"    requires: {', '.join(sorted(cls.requires)) or '-'}   provides: {', '.join(sorted(cls.provides)) or '-'}")
+            print(
+                f"    requires: {', '.join(sorted(cls.requires)) or '-'}   provides: {', '.join(sorted(cls.provides)) or '-'}"
+            )
         for option in cls.options():
             type_name = getattr(option.type, "__name__", str(option.type)).replace("typing.", "")
             print(f"    {option.name} ({type_name}, default {option.default!r}): {option.doc}")

@@ -15,7 +15,11 @@ import torch
 from kompakt.eval.embeddings import SENTENCES, fidelity, mean_pool
 from kompakt.models import load_minilm
 
-VARIANTS = (("cpu", "kompakt cpu (fp32, ONNX Runtime)"), ("cpu-w8", "kompakt cpu-w8"), ("cpu-w4", "kompakt cpu-w4"))
+VARIANTS = (
+    ("cpu", "kompakt cpu (fp32, ONNX Runtime)"),
+    ("cpu-w8", "kompakt cpu-w8"),
+    ("cpu-w4", "kompakt cpu-w4"),
+)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -62,7 +66,9 @@ def run_demo(repeats: int = 20) -> None:
         if target == "cpu-w4":
             compiled_w4 = compiled
 
-    print(f"\n{'variant':<34} {'weights':>10} {'cosine vs fp32':>16} {'batch 1':>10} {'batch 32':>10} {'speedup b1/b32':>16}")
+    print(
+        f"\n{'variant':<34} {'weights':>10} {'cosine vs fp32':>16} {'batch 1':>10} {'batch 32':>10} {'speedup b1/b32':>16}"
+    )
     for label, size, score, t1, t32 in rows:
         cos = "1 (reference)" if score is None else f"{score.mean_cosine:.4f}"
         speed = f"{base1 / t1:.2f}x / {base32 / t32:.2f}x"

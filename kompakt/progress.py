@@ -13,7 +13,9 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, enabled: bool = True, total: int | None = None) -> Iterator[T]:
+def progress(
+    items: Iterable[T], desc: str, enabled: bool = True, total: int | None = None
+) -> Iterator[T]:
     """Iterates ``items`` with a bar labelled ``desc`` when ``enabled`` and stderr is a tty."""
     if not enabled:
         yield from items

@@ -124,14 +124,21 @@ def render(report: Report, verbose: bool = False) -> str:
     for p in report.passes:
         change = f"{p.nodes_before} -> {p.nodes_after} nodes"
         stats = ", ".join(f"{k}={v}" for k, v in p.result.stats.items())
-        out.append(f"  {p.name:<34} {p.seconds * 1e3:9.1f} ms  {change}" + (f"  [{stats}]" if stats else ""))
+        out.append(
+            f"  {p.name:<34} {p.seconds * 1e3:9.1f} ms  {change}"
+            + (f"  [{stats}]" if stats else "")
+        )
         if p.ops_added or p.ops_removed:
-            delta = [f"+{n} {op}" for op, n in p.ops_added.items()] + [f"-{n} {op}" for op, n in p.ops_removed.items()]
+            delta = [f"+{n} {op}" for op, n in p.ops_added.items()] + [
+                f"-{n} {op}" for op, n in p.ops_removed.items()
+            ]
             out.append(f"  {'':<34} ops: {', '.join(delta)}")
         notes = p.result.notes if limit is None else p.result.notes[:limit]
         out += [f"  {'':<34} note: {n}" for n in notes]
         if len(notes) < len(p.result.notes):
-            out.append(f"  {'':<34} ... {len(p.result.notes) - len(notes)} more notes (render_report(verbose=True))")
+            out.append(
+                f"  {'':<34} ... {len(p.result.notes) - len(notes)} more notes (render_report(verbose=True))"
+            )
     layer_rows = [(p.name, r) for p in report.passes for r in p.result.records]
     if layer_rows:
         out += ["", "layers:"]
@@ -146,7 +153,9 @@ def render(report: Report, verbose: bool = False) -> str:
                 + (f"{sqnr:6.1f} dB" if sqnr is not None else "")
             )
         if len(shown) < len(layer_rows):
-            out.append(f"  ... {len(layer_rows) - len(shown)} more layers (render_report(verbose=True))")
+            out.append(
+                f"  ... {len(layer_rows) - len(shown)} more layers (render_report(verbose=True))"
+            )
     b, a = report.size_before, report.size_after
     ratio = b.bytes / a.bytes if a.bytes else float("nan")
     out += [
@@ -164,14 +173,18 @@ def render(report: Report, verbose: bool = False) -> str:
         out.append(f"  shapes: {after.shapes}")
         if before is not None:
             speed = before.seconds / after.seconds if after.seconds else float("nan")
-            out.append(f"  before: {_time(before.seconds)}   after: {_time(after.seconds)}   ({speed:.2f}x)")
+            out.append(
+                f"  before: {_time(before.seconds)}   after: {_time(after.seconds)}   ({speed:.2f}x)"
+            )
         else:
             out.append(f"  after: {_time(after.seconds)}")
         costly = sorted(after.nodes, key=lambda c: -c.seconds)
         costly = costly if limit is None else costly[:limit]
         out.append(f"  {'node':<40} {'op':<18} {'time':>12} {'bound':>9}  module")
         for c in costly:
-            out.append(f"  {c.node[:40]:<40} {c.op[:18]:<18} {_time(c.seconds):>12} {c.bound:>9}  {c.module}")
+            out.append(
+                f"  {c.node[:40]:<40} {c.op[:18]:<18} {_time(c.seconds):>12} {c.bound:>9}  {c.module}"
+            )
     return "\n".join(out)
 
 

@@ -9,9 +9,8 @@ os.environ.setdefault("KOMPAKT_VERIFY", "1")  # verify the IR after every pass i
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import tiny_models  # noqa: E402
+import torch  # noqa: E402
 
 EXAMPLE_SHAPE = (2, 8)  # (batch, sequence) the tiny models are captured with
 OTHER_SHAPE = (3, 5)  # a different shape every dynamic test also runs

@@ -70,7 +70,11 @@ def test_bad_inputs_are_named(llama_w4, call, fragment):
 
 def test_save_and_load_round_trip(llama_w4, tmp_path):
     folder = llama_w4.save(tmp_path / "saved")
-    assert sorted(p.name for p in folder.iterdir()) == ["kompakt.json", "model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "kompakt.json",
+        "model.onnx",
+        "model.safetensors",
+    ]
     meta = json.loads((folder / "kompakt.json").read_text())
     assert meta["pipeline"] == llama_w4.pipeline and meta["target"] == "cpu-w4"
     loaded = kompakt.load(folder)
@@ -87,7 +91,9 @@ def test_saved_model_onnx_runs_in_onnxruntime_as_is(llama_w4, tmp_path):
     folder = llama_w4.save(tmp_path / "saved")
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     ids = tokens(OTHER_SHAPE)
-    torch.testing.assert_close(torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]), llama_w4(ids))
+    torch.testing.assert_close(
+        torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0]), llama_w4(ids)
+    )
 
 
 def test_load_refuses_what_is_not_a_saved_model(tmp_path):
@@ -108,18 +114,28 @@ def test_report_has_passes_sizes_and_predicted_time(llama_w4):
     matmuls = [c for c in report.latency_after.nodes if c.op == "MatMul"]
     assert matmuls and all(c.seconds > 0 for c in matmuls)
     text = str(report)
-    for fragment in ("quantize-weights", "size:", "predicted time", "model.layers.0.mlp.down_proj", "x smaller"):
+    for fragment in (
+        "quantize-weights",
+        "size:",
+        "predicted time",
+        "model.layers.0.mlp.down_proj",
+        "x smaller",
+    ):
         assert fragment in text
     assert "lm_head" in llama_w4.render_report(verbose=True)
 
 
 def test_pipeline_is_kept_on_the_model(llama_w4):
-    assert llama_w4.pipeline == "canonicalize,quantize-weights{bits=4,group-size=128,symmetric=false}"
-    assert llama_w4.ir.graph.metadata_props["kompakt.pipeline"] == llama_w4.pipeline
+    assert (
+        llama_w4.pipeline == "canonicalize,quantize-weights{bits=4,group-size=128,symmetric=false}"
+    )
+    assert llama_w4.ir.metadata_props["kompakt.pipeline"] == llama_w4.pipeline
 
 
 def test_explicit_pipeline_overrides_the_target(captured):
-    compiled = kompakt.compile(captured("opt"), target="cpu", pipeline="canonicalize,quantize-weights{bits=8}")
+    compiled = kompakt.compile(
+        captured("opt"), target="cpu", pipeline="canonicalize,quantize-weights{bits=8}"
+    )
     assert compiled.pipeline == "canonicalize,quantize-weights{bits=8}"
     assert compiled.report().passes[-1].result.stats["quantized"] > 0
 
@@ -135,7 +151,11 @@ def test_dump_ir_writes_one_file_per_pass(captured, tmp_path):
     ("kwargs", "error", "fragment"),
     [
         ({"target": "cpu-w7"}, TargetError, "unknown token 'w7'"),
-        ({"pipeline": "canonicalize,quantise-weights"}, PipelineError, "did you mean 'quantize-weights'"),
+        (
+            {"pipeline": "canonicalize,quantise-weights"},
+            PipelineError,
+            "did you mean 'quantize-weights'",
+        ),
         ({"backend": "tensorrt"}, KompaktError, "unknown backend 'tensorrt'"),
         ({"dump_irr": "x"}, KompaktError, "did you mean 'dump_ir'"),
         ({"pipeline": "quantize-weights"}, PipelineError, "add 'canonicalize' before it"),
@@ -182,7 +202,9 @@ def test_a_failing_pass_is_named_with_the_passes_before_it(captured):
         def run(self, model, ctx):
             raise ValueError("boom")
 
-    with pytest.raises(PassError, match=r"pass 'explode-for-test' failed \(after: canonicalize\): ValueError: boom"):
+    with pytest.raises(
+        PassError, match=r"pass 'explode-for-test' failed \(after: canonicalize\): ValueError: boom"
+    ):
         kompakt.compile(captured("bert"), target="cpu", pipeline="canonicalize,explode-for-test")
 
 

@@ -33,10 +33,21 @@ def gemm_model(trans_a=0, trans_b=0, alpha=1.0, beta=1.0, with_c=True, const_b=T
     else:
         inputs.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b.shape)))
     node = helper.make_node(
-        "Gemm", ["a", "b"] + (["c"] if with_c else []), ["y"], name="fc", alpha=alpha, beta=beta, transA=trans_a, transB=trans_b
+        "Gemm",
+        ["a", "b"] + (["c"] if with_c else []),
+        ["y"],
+        name="fc",
+        alpha=alpha,
+        beta=beta,
+        transA=trans_a,
+        transB=trans_b,
     )
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits)
-    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    graph = helper.make_graph(
+        [node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], inits
+    )
+    return ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,7 +87,9 @@ def test_gpt2_linear_layers_become_matmuls(captured, tiny):
     assert any(n.op_type == "Gemm" for n in model.graph)
     Canonicalize().run(model, CompileContext())
     assert not any(n.op_type == "Gemm" for n in model.graph)
-    weights = [n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    weights = [
+        n for n in model.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None
+    ]
     assert len(weights) >= 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp.c_proj per layer, and lm_head
 
 
@@ -91,7 +104,13 @@ def test_fold_constants_folds_shape_math_but_not_dequantize():
     out = ir.node("Add", [mm.outputs[0], added.outputs[0]], name="out")
     for i, node in enumerate((dq, added, mm, out)):
         node.outputs[0].name = f"v{i}"
-    graph = ir.Graph([x], [out.outputs[0]], nodes=[dq, added, mm, out], initializers=[q, s, one], opset_imports={"": 21})
+    graph = ir.Graph(
+        [x],
+        [out.outputs[0]],
+        nodes=[dq, added, mm, out],
+        initializers=[q, s, one],
+        opset_imports={"": 21},
+    )
     model = ir.Model(graph, ir_version=10)
     feeds = {"x": torch.randn(2, 4)}
     (before,) = run(model, **feeds)
@@ -111,7 +130,9 @@ def test_remove_dead_code_and_cse():
     y = ir.node("Add", [a.outputs[0], b.outputs[0]], name="y")
     for node in (a, b, dead, y):
         node.outputs[0].name = node.name + "_out"
-    model = ir.Model(ir.Graph([x], [y.outputs[0]], nodes=[a, b, dead, y], opset_imports={"": 21}), ir_version=10)
+    model = ir.Model(
+        ir.Graph([x], [y.outputs[0]], nodes=[a, b, dead, y], opset_imports={"": 21}), ir_version=10
+    )
     feeds = {"x": torch.tensor([-1.0, 0.5, 2.0])}
     (before,) = run(model, **feeds)
     assert RemoveDeadCode().run(model, CompileContext()).stats["nodes_removed"] == 1

@@ -39,8 +39,16 @@ def test_compile_writes_a_quantized_onnx(linear_onnx, tmp_path, capsys):
 def test_compile_with_pipeline_and_dump(linear_onnx, tmp_path):
     out = tmp_path / "out.onnx"
     code = main(
-        ["compile", str(linear_onnx), "-o", str(out), "--pipeline", "canonicalize,quantize-weights{bits=8,group-size=-1}",
-         "--dump-ir", str(tmp_path / "ir")]
+        [
+            "compile",
+            str(linear_onnx),
+            "-o",
+            str(out),
+            "--pipeline",
+            "canonicalize,quantize-weights{bits=8,group-size=-1}",
+            "--dump-ir",
+            str(tmp_path / "ir"),
+        ]
     )
     assert code == 0 and (tmp_path / "ir" / "02-quantize-weights.txt").exists()
 
@@ -72,7 +80,11 @@ def test_inspect(linear_onnx, capsys):
 def test_passes_lists_options(capsys):
     assert main(["passes"]) == 0
     out = capsys.readouterr().out
-    assert "quantize-weights:" in out and "group-size (int, default 128)" in out and "canonicalize:" in out
+    assert (
+        "quantize-weights:" in out
+        and "group-size (int, default 128)" in out
+        and "canonicalize:" in out
+    )
 
 
 def test_targets_lists_devices_and_tokens(capsys):
@@ -83,5 +95,7 @@ def test_targets_lists_devices_and_tokens(capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "kompakt.cli", "targets"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "kompakt.cli", "targets"], capture_output=True, text=True
+    )
     assert result.returncode == 0 and "devices:" in result.stdout

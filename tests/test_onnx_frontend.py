@@ -55,18 +55,27 @@ def test_old_opset_is_upgraded():
 
 def test_external_data_is_read(tmp_path):
     proto = _linear_model(k=256, n=128)
-    path = tmp_path / "big.onnx"
-    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="big.data", size_threshold=0)
+    weight = torch.from_numpy(numpy_helper.to_array(proto.graph.initializer[0]).copy())
+    path = tmp_path / "big.onnx"  # onnx.save below rewrites the proto to point at the file
+    onnx.save(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="big.data",
+        size_threshold=0,
+    )
     assert (tmp_path / "big.data").exists()
     compiled = kompakt.compile(path, target="cpu")
     x = torch.randn(2, 256)
-    expected = x @ torch.from_numpy(numpy_helper.to_array(proto.graph.initializer[0]))
-    torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled(x), x @ weight, rtol=1e-4, atol=1e-4)
 
 
 def test_missing_external_data_names_the_file(tmp_path):
     path = tmp_path / "big.onnx"
-    onnx.save(_linear_model(), path, save_as_external_data=True, location="w.data", size_threshold=0)
+    onnx.save(
+        _linear_model(), path, save_as_external_data=True, location="w.data", size_threshold=0
+    )
     (tmp_path / "w.data").unlink()
     with pytest.raises(CaptureError, match="w.data.*does not exist"):
         load_onnx(path)
@@ -74,7 +83,9 @@ def test_missing_external_data_names_the_file(tmp_path):
 
 def test_truncated_external_data(tmp_path):
     path = tmp_path / "big.onnx"
-    onnx.save(_linear_model(), path, save_as_external_data=True, location="w.data", size_threshold=0)
+    onnx.save(
+        _linear_model(), path, save_as_external_data=True, location="w.data", size_threshold=0
+    )
     data = tmp_path / "w.data"
     data.write_bytes(data.read_bytes()[:100])
     with pytest.raises(CaptureError, match="truncated"):
@@ -113,3 +124,33 @@ def test_ir_model_input_is_not_modified():
     kompakt.compile(model, target="cpu-w8", backend="reference")
     assert [n.op_type for n in model.graph] == nodes
     assert "W" in model.graph.initializers
+
+
+def test_ir_model_with_old_opset_is_upgraded_per_op():
+    graph = helper.make_graph(
+        [helper.make_node("Unsqueeze", ["x"], ["y"], axes=[0])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    )
+    compiled = kompakt.compile(model, target="cpu", backend="reference")
+    assert compiled.ir.opset_imports[""] == 21
+    unsqueeze = next(n for n in compiled.ir.graph if n.op_type == "Unsqueeze")
+    assert len(unsqueeze.inputs) == 2 and not unsqueeze.attributes
+    torch.testing.assert_close(
+        compiled(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([[1.0, 2.0, 3.0]])
+    )
+
+
+def test_latency_shapes_for_an_onnx_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(_linear_model(k=64, n=32), path)
+    given = kompakt.compile(path, example_inputs=(torch.randn(7, 64),), target="cpu-w8")
+    assert given.report().latency_after.shapes == "example inputs x[7, 64]"
+    assumed = kompakt.compile(path, example_inputs=(), target="cpu-w8")  # covers no input
+    assert "symbolic dims assumed 1" in assumed.report().latency_after.shapes
+    matmul = next(c for c in assumed.report().latency_after.nodes if c.op == "MatMul")
+    assert matmul.flops == 2 * 1 * 64 * 32

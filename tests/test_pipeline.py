@@ -38,14 +38,19 @@ def test_spacing_is_normalized():
 
 
 def test_options_are_typed():
-    (_, quant) = Pipeline.parse("canonicalize,quantize-weights{bits=3,exclude=[a,b],symmetric=true}").passes
+    (_, quant) = Pipeline.parse(
+        "canonicalize,quantize-weights{bits=3,exclude=[a,b],symmetric=true}"
+    ).passes
     assert quant.bits == 3 and quant.exclude == ("a", "b") and quant.symmetric is True
 
 
 def test_pipeline_from_pass_objects_prints_non_defaults():
     from kompakt.passes.quantize.quantize_weights import QuantizeWeights
 
-    assert str(Pipeline([QuantizeWeights(bits=8, group_size=-1)])) == "quantize-weights{bits=8,group-size=-1}"
+    assert (
+        str(Pipeline([QuantizeWeights(bits=8, group_size=-1)]))
+        == "quantize-weights{bits=8,group-size=-1}"
+    )
     assert str(Pipeline([QuantizeWeights()])) == "quantize-weights"
 
 
@@ -84,7 +89,9 @@ def test_every_builtin_pass_has_before_after_docstring():
     for name, cls in all_passes().items():
         if cls.__module__.startswith("kompakt."):
             doc = cls.__doc__ or ""
-            assert "Before:" in doc and "After:" in doc, f"pass '{name}' lacks a Before/After docstring"
+            assert "Before:" in doc and "After:" in doc, (
+                f"pass '{name}' lacks a Before/After docstring"
+            )
 
 
 def test_entry_point_plugin_registers_by_name(tmp_path, monkeypatch):
@@ -108,7 +115,9 @@ def test_entry_point_plugin_registers_by_name(tmp_path, monkeypatch):
     )
     dist = tmp_path / "kompakt_plugin_demo-0.1.dist-info"
     dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kompakt-plugin-demo\nVersion: 0.1\n")
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: kompakt-plugin-demo\nVersion: 0.1\n"
+    )
     (dist / "entry_points.txt").write_text(
         "[kompakt.passes]\ncount-nodes-plugin = kompakt_plugin_demo:CountNodes\n"
     )
@@ -116,7 +125,10 @@ def test_entry_point_plugin_registers_by_name(tmp_path, monkeypatch):
     reload_plugins()
     try:
         assert "count-nodes-plugin" in all_passes()
-        assert str(Pipeline.parse("canonicalize,count-nodes-plugin")) == "canonicalize,count-nodes-plugin"
+        assert (
+            str(Pipeline.parse("canonicalize,count-nodes-plugin"))
+            == "canonicalize,count-nodes-plugin"
+        )
     finally:
         sys.modules.pop("kompakt_plugin_demo", None)
 

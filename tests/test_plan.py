@@ -42,7 +42,10 @@ def test_results_match_torch():
 def test_unsupported_op_names_op_node_and_module():
     model = chain(["Relu", "Mystery"], extra="my.domain")
     set_module(list(model.graph)[1], "model.layers.3.mlp")
-    with pytest.raises(UnsupportedOpError, match=r"'my.domain::Mystery' at node 'n1' \(from module 'model.layers.3.mlp'\)"):
+    with pytest.raises(
+        UnsupportedOpError,
+        match=r"'my.domain::Mystery' at node 'n1' \(from module 'model.layers.3.mlp'\)",
+    ):
         ExecutionPlan(model)
 
 
@@ -51,8 +54,13 @@ def test_kernel_failure_names_the_node_and_shapes():
     b = ir.val("b", ir.DataType.FLOAT, [4, 5])
     node = ir.node("MatMul", [a, b], name="bad_mm")
     node.outputs[0].name = "y"
-    model = ir.Model(ir.Graph([a, b], [node.outputs[0]], nodes=[node], opset_imports={"": 21}), ir_version=10)
+    model = ir.Model(
+        ir.Graph([a, b], [node.outputs[0]], nodes=[node], opset_imports={"": 21}), ir_version=10
+    )
     from kompakt import KompaktError
 
-    with pytest.raises(KompaktError, match=r"op 'MatMul' at node 'bad_mm' failed on inputs \(float32\[2, 3\], float32\[4, 5\]\)"):
+    with pytest.raises(
+        KompaktError,
+        match=r"op 'MatMul' at node 'bad_mm' failed on inputs \(float32\[2, 3\], float32\[4, 5\]\)",
+    ):
         ExecutionPlan(model).run({"a": torch.randn(2, 3), "b": torch.randn(4, 5)})

@@ -24,13 +24,24 @@ def linear_model(k=256, n=64, weights=None, names=("fc",), lm_head=False) -> ir.
     nodes, inits, prev = [], [], "x"
     layers = list(names) + (["lm_head"] if lm_head else [])
     for i, name in enumerate(layers):
-        w = weights if (weights is not None and i == 0) else torch.randn(k if i == 0 else n, n) * 0.05
+        w = (
+            weights
+            if (weights is not None and i == 0)
+            else torch.randn(k if i == 0 else n, n) * 0.05
+        )
         inits.append(numpy_helper.from_array(w.numpy(), f"{name}.weight"))
-        nodes.append(helper.make_node("MatMul", [prev, f"{name}.weight"], [f"{name}_out"], name=f"/{name}/MatMul"))
+        nodes.append(
+            helper.make_node(
+                "MatMul", [prev, f"{name}.weight"], [f"{name}_out"], name=f"/{name}/MatMul"
+            )
+        )
         prev = f"{name}_out"
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["m", n])], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["m", n])],
+        inits,
     )
     from kompakt.lowering import load_onnx
 
@@ -81,9 +92,18 @@ def test_ir_form_blocked_int4():
     dq = next(n for n in model.graph if n.op_type == "DequantizeLinear")
     assert dq.attributes["axis"].value == 0 and dq.attributes["block_size"].value == 64
     q, scale, zero = dq.inputs
-    assert (q.dtype, scale.dtype, zero.dtype) == (ir.DataType.UINT4, ir.DataType.FLOAT, ir.DataType.UINT4)
+    assert (q.dtype, scale.dtype, zero.dtype) == (
+        ir.DataType.UINT4,
+        ir.DataType.FLOAT,
+        ir.DataType.UINT4,
+    )
     assert list(q.shape) == [256, 64] and list(scale.shape) == [4, 64]
-    assert json.loads(dq.metadata_props[QUANT_KEY]) == {"bits": 4, "group_size": 64, "symmetric": False, "method": "rtn"}
+    assert json.loads(dq.metadata_props[QUANT_KEY]) == {
+        "bits": 4,
+        "group_size": 64,
+        "symmetric": False,
+        "method": "rtn",
+    }
     assert "fc.weight" not in model.graph.initializers  # the float weight is gone
     matmul = next(n for n in model.graph if n.op_type == "MatMul")
     assert matmul.inputs[1] is dq.outputs[0]
@@ -110,7 +130,12 @@ def test_reference_runtime_computes_x_times_dequantized_weight():
 
 
 @pytest.mark.parametrize(
-    ("options", "bits"), [("bits=4,group-size=128", 4), ("bits=8,group-size=-1,symmetric=true", 8), ("bits=8,group-size=64", 8)]
+    ("options", "bits"),
+    [
+        ("bits=4,group-size=128", 4),
+        ("bits=8,group-size=-1,symmetric=true", 8),
+        ("bits=8,group-size=64", 8),
+    ],
 )
 def test_onnxruntime_fuses_to_matmulnbits(tmp_path, options, bits):
     model = linear_model(k=256, n=128)
@@ -125,16 +150,22 @@ def test_onnxruntime_fuses_to_matmulnbits(tmp_path, options, bits):
     optimized = onnx.load(tmp_path / "optimized.onnx")
     fused = [n for n in optimized.graph.node if n.op_type == "MatMulNBits"]
     assert len(fused) == 1
-    assert helper.get_attribute_value(next(a for a in fused[0].attribute if a.name == "bits")) == bits
+    assert (
+        helper.get_attribute_value(next(a for a in fused[0].attribute if a.name == "bits")) == bits
+    )
     x = torch.randn(3, 256)
     (ref,) = ExecutionPlan(model).run({"x": x})
     (out,) = session.run(None, {"x": x.numpy()})
     # ORT's default accuracy level quantizes activations to int8 inside MatMulNBits
-    torch.testing.assert_close(torch.from_numpy(out), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+    torch.testing.assert_close(
+        torch.from_numpy(out), ref, rtol=0.02, atol=0.02 * ref.abs().max().item()
+    )
 
 
 def test_exclude_globs_and_lm_head():
-    model = linear_model(k=64, n=64, names=("model.layers.0.q_proj", "model.layers.0.down_proj"), lm_head=True)
+    model = linear_model(
+        k=64, n=64, names=("model.layers.0.q_proj", "model.layers.0.down_proj"), lm_head=True
+    )
     (_, record) = quantize(model, "exclude=[*.down_proj]")
     assert (record.result.stats["quantized"], record.result.stats["kept"]) == (1, 2)
     assert record.result.stats["weight_bytes_before"] == 64 * 64 * 4
@@ -152,8 +183,10 @@ def test_lm_head_quantized_on_request():
 def test_weight_with_a_non_matmul_use_is_left_alone():
     model = linear_model(k=64, n=64)
     weight = model.graph.initializers["fc.weight"]
-    extra = ir.node("ReduceSum", [weight], attributes={"keepdims": 0}, name="tied_use")
-    extra.outputs[0].name = "weight_sum"
+    other = ir.val("other", ir.DataType.FLOAT, [64, 64])
+    model.graph.inputs.append(other)
+    extra = ir.node("Mul", [weight, other], name="tied_use")  # depends on an input: not foldable
+    extra.outputs[0].name = "weight_times_other"
     model.graph.append(extra)
     model.graph.outputs.append(extra.outputs[0])
     (_, record) = quantize(model)

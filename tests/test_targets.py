@@ -28,7 +28,12 @@ def test_defaults_per_bits():
 
 @pytest.mark.parametrize(
     ("alias", "expected"),
-    [("a100-W4A16", (4, None)), ("a100-W8A16", (8, None)), ("a100-W8A8", (8, 8)), ("h100-w4a8", (4, 8))],
+    [
+        ("a100-W4A16", (4, None)),
+        ("a100-W8A16", (8, None)),
+        ("a100-W8A8", (8, 8)),
+        ("h100-w4a8", (4, 8)),
+    ],
 )
 def test_llm_compressor_scheme_names(alias, expected):
     r = Target.parse(alias).recipe

@@ -63,7 +63,9 @@ def format_graph(graph: ir.Graph) -> str:
     """The whole graph as text: inputs, initializers (type only), nodes, outputs."""
     lines = [f"graph {graph.name or 'main'}("]
     lines += [f"  input %{v.name}: {format_type(v)}" for v in graph.inputs]
-    lines += [f"  init  %{name}: {format_type(v)}" for name, v in sorted(graph.initializers.items())]
+    lines += [
+        f"  init  %{name}: {format_type(v)}" for name, v in sorted(graph.initializers.items())
+    ]
     lines.append(") {")
     lines += ["  " + format_node(node) for node in graph]
     lines.append("  return " + ", ".join(_ref(v) for v in graph.outputs))

@@ -88,7 +88,7 @@ def to_torch(tensor: ir.TensorProtocol) -> torch.Tensor:
         array = array.view(_NUMPY_VIEW[dtype])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only numpy buffers; we never write
-        result = torch.from_numpy(np.ascontiguousarray(array))
+        result = torch.from_numpy(np.ascontiguousarray(array).reshape(array.shape))
     return result.view(target) if result.dtype != target else result
 
 

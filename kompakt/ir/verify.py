@@ -25,7 +25,9 @@ def verify(model: ir.Model, max_problems: int = 20) -> None:
     problems = list(_problems(model))
     if problems:
         shown = problems[:max_problems]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        more = (
+            f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        )
         raise VerificationError("invalid IR:\n  " + "\n  ".join(shown) + more)
 
 

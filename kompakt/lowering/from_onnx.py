@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from kompakt.errors import CaptureError
 from kompakt.ir.verify import VerificationError, verify
-from kompakt.lowering.normalize import normalize
+from kompakt.lowering.normalize import normalize, serde_upgrade
 
 
 def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
@@ -23,7 +23,9 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     if isinstance(source, onnx.ModelProto):
         label = f"ModelProto '{source.graph.name or '?'}'"
         try:
-            model = ir.serde.deserialize_model(source)
+            model = ir.serde.deserialize_model(serde_upgrade(source, label))
+        except CaptureError:
+            raise
         except Exception as err:
             raise CaptureError(f"{label} could not be read: {err}") from err
     else:
@@ -34,11 +36,14 @@ def load_onnx(source: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         if not path.is_file():
             raise CaptureError(f"{label} is not a file")
         try:
-            model = ir.load(path)
+            # Weights stay on disk (onnx_ir maps them lazily); only the graph is parsed here.
+            proto = onnx.load(path, load_external_data=False)
         except Exception as err:
             raise CaptureError(
                 f"{label} is not a readable ONNX model (truncated or corrupt?): {type(err).__name__}: {err}"
             ) from err
+        model = ir.serde.deserialize_model(serde_upgrade(proto, label))
+        ir.external_data.set_base_dir(model.graph, path.parent)
         _check_external_data(model, path)
     try:
         verify(model)

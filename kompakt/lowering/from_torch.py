@@ -74,7 +74,9 @@ def capture_module(
     return model
 
 
-def _bind_inputs(module: torch.nn.Module, example_inputs: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _bind_inputs(
+    module: torch.nn.Module, example_inputs: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     try:
@@ -100,7 +102,8 @@ def _bind_inputs(module: torch.nn.Module, example_inputs: Any) -> tuple[dict[str
 def _bind_positional(signature: inspect.Signature | None, args: list) -> dict[str, Any]:
     if signature is not None:
         params = [
-            p for p in signature.parameters.values()
+            p
+            for p in signature.parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
         if len(params) >= len(args):
@@ -108,14 +111,19 @@ def _bind_positional(signature: inspect.Signature | None, args: list) -> dict[st
     return {f"input_{i}": a for i, a in enumerate(args)}
 
 
-def _dynamic_labels(tensors: dict[str, torch.Tensor], spec: DynamicSpec) -> dict[str, dict[int, str]]:
+def _dynamic_labels(
+    tensors: dict[str, torch.Tensor], spec: DynamicSpec
+) -> dict[str, dict[int, str]]:
     if spec is False:
         return {}
     if spec is None or spec is True:
         return {
             name: {0: "batch", 1: "sequence"}
             for name, t in tensors.items()
-            if not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and t.dim() >= 2
+            if not t.is_floating_point()
+            and not t.is_complex()
+            and t.dtype != torch.bool
+            and t.dim() >= 2
         }
     unknown = sorted(set(spec) - set(tensors))
     if unknown:
@@ -135,7 +143,9 @@ def _dynamic_labels(tensors: dict[str, torch.Tensor], spec: DynamicSpec) -> dict
     return labels
 
 
-def _widen_size_one(tensors: dict[str, torch.Tensor], labels: dict[str, dict[int, str]]) -> dict[str, torch.Tensor]:
+def _widen_size_one(
+    tensors: dict[str, torch.Tensor], labels: dict[str, dict[int, str]]
+) -> dict[str, torch.Tensor]:
     """torch.export fixes dims of size 1 ("0/1 specialization"); capture them at size 2.
 
     Returns ``tensors`` itself when nothing needed widening.
@@ -264,33 +274,52 @@ def _name_dims(model: ir.Model, tensors, labels) -> None:
     for node in model.graph:
         values.extend(node.outputs)
     for value in values:
-        if value.shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in mapping for d in value.shape):
+        if value.shape is None or not any(
+            isinstance(d, ir.SymbolicDim) and d.value in mapping for d in value.shape
+        ):
             continue
         value.shape = ir.Shape(
-            [mapping.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d for d in value.shape]
+            [
+                mapping.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d
+                for d in value.shape
+            ]
         )
 
 
 def _name_weights(model: ir.Model) -> None:
-    """Gives torch's anonymous weight constants (val_152) their layer's name (layers.0.q_proj.weight)."""
+    """Names weights as the user's module does: drops the capture wrapper's prefix
+    (``wrapped.model.embed_tokens.weight``) and gives torch's anonymous constants (``val_152``)
+    their layer's name (``model.layers.0.q_proj.weight``)."""
     graph = model.graph
     taken = set(graph.initializers)
+    prefix = _ROOT + "."
+    for value in list(graph.initializers.values()):
+        name = value.name or ""
+        if name.startswith(prefix) and name[len(prefix) :] not in taken:
+            _rename(value, name[len(prefix) :], taken)
     for node in graph:
         if node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
             continue
         weight = node.inputs[1]
         module = node.metadata_props.get(MODULE_KEY, "")
-        if weight is None or not weight.is_initializer() or not module or not _AUTO_NAME.match(weight.name or ""):
+        if (
+            weight is None
+            or not weight.is_initializer()
+            or not module
+            or not _AUTO_NAME.match(weight.name or "")
+        ):
             continue
         new = f"{module}.weight"
-        if new in taken:
-            continue
-        old = weight.name
-        weight.name = new
-        if weight.const_value is not None:
-            weight.const_value.name = new
-        taken.discard(old)
-        taken.add(new)
+        if new not in taken:
+            _rename(weight, new, taken)
+
+
+def _rename(value: ir.Value, new: str, taken: set[str]) -> None:
+    taken.discard(value.name)
+    value.name = new
+    if value.const_value is not None:
+        value.const_value.name = new
+    taken.add(new)
 
 
 def _specialized(model: ir.Model, labels) -> list[tuple[ir.Value, int, str]]:

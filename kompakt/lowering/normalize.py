@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import re
 
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 from onnxscript import version_converter
 
@@ -18,7 +20,7 @@ from kompakt.ir.builder import DEFAULT_OPSET, IR_VERSION
 from kompakt.ir.metadata import MODULE_KEY
 
 _TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
-_DROP_PREFIXES = ("pkg.torch.onnx.", "namespace")
+_DROP_PREFIXES = ("pkg.torch.", "namespace")
 MAX_OPSET = 22
 """Highest default-domain opset kompakt keeps as is: ORT 1.31 mishandles opset 23's
 RotaryEmbedding for batch > 1 (see ENVIRONMENT.md)."""
@@ -34,12 +36,40 @@ def normalize(model: ir.Model, source: str, strip_prefix: str = "") -> ir.Model:
             if module is None:
                 module = module_from_node_name(node.name or "")
             node.metadata_props[MODULE_KEY] = module
-        for key in [k for k in node.metadata_props if k.startswith(_DROP_PREFIXES)]:
-            del node.metadata_props[key]
+        _drop_exporter_metadata(node)
+        for value in node.outputs:
+            _drop_exporter_metadata(value)
+    for value in [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]:
+        _drop_exporter_metadata(value)
     return model
 
 
+def _drop_exporter_metadata(item: ir.Node | ir.Value) -> None:
+    for key in [k for k in item.metadata_props if k.startswith(_DROP_PREFIXES)]:
+        del item.metadata_props[key]
+
+
 def _upgrade_opset(model: ir.Model, source: str) -> None:
+    opset = _default_opset(model, source)
+    if opset >= DEFAULT_OPSET:
+        return
+    if opset < 20:
+        # Between old opsets ops changed form (Squeeze's axes became an input, ...); only ONNX's
+        # own converter has an adapter per op. Round-trip through a proto for it.
+        upgraded = serde_upgrade(ir.to_proto(model), source)
+        converted = ir.serde.deserialize_model(upgraded)
+        model.graph = converted.graph  # opset imports belong to the graph and come with it
+        return
+    # 20 -> 21 only widens types (int4 in Cast, QuantizeLinear, ...); no op changes form.
+    try:
+        version_converter.convert_version(model, target_version=DEFAULT_OPSET)
+    except Exception as err:
+        raise CaptureError(
+            f"{source}: could not upgrade opset {opset} to {DEFAULT_OPSET}: {err}"
+        ) from err
+
+
+def _default_opset(model: ir.Model, source: str) -> int:
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
     if opset is None:
         raise CaptureError(f"{source}: the model imports no standard ONNX opset")
@@ -48,16 +78,21 @@ def _upgrade_opset(model: ir.Model, source: str) -> None:
             f"{source}: opset {opset} is newer than kompakt supports ({DEFAULT_OPSET}-{MAX_OPSET}); "
             f"re-export it with opset {DEFAULT_OPSET} (torch.onnx.export(..., opset_version={DEFAULT_OPSET}))"
         )
-    if opset >= DEFAULT_OPSET:
-        return
+    return opset
+
+
+def serde_upgrade(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Converts a proto below opset 21 with ONNX's version converter (one adapter per op)."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset >= DEFAULT_OPSET:
+        return proto
     try:
-        version_converter.convert_version(model, target_version=DEFAULT_OPSET)
+        return onnx.version_converter.convert_version(proto, DEFAULT_OPSET)
     except Exception as err:
         raise CaptureError(
-            f"{source}: could not upgrade opset {opset} to {DEFAULT_OPSET}: {err}"
+            f"{source}: could not upgrade opset {opset} to {DEFAULT_OPSET} with ONNX's converter: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
         ) from err
-    if model.opset_imports.get("", 0) < DEFAULT_OPSET:
-        raise CaptureError(f"{source}: opset {opset} could not be upgraded to {DEFAULT_OPSET}")
 
 
 def _module_from_metadata(node: ir.Node, strip_prefix: str) -> str | None:

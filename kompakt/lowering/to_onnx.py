@@ -29,7 +29,12 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def export_onnx(model: ir.Model, path: str | os.PathLike, external_data: bool | None = None) -> Path:
+def export_onnx(
+    model: ir.Model,
+    path: str | os.PathLike,
+    external_data: bool | None = None,
+    matmulnbits: bool = False,
+) -> Path:
     """Writes ``model`` to ``path`` and checks it with onnx.checker.
 
     Args:
@@ -37,8 +42,15 @@ def export_onnx(model: ir.Model, path: str | os.PathLike, external_data: bool | 
         path: Output file. External data, when used, goes next to it as ``<name>.data``.
         external_data: Force (True) or forbid (False) a side file for weights; by default used
             above `EXTERNAL_DATA_THRESHOLD`.
+        matmulnbits: Write quantized MatMuls as ONNX Runtime's ``com.microsoft::MatMulNBits``
+            (what kompakt's onnxruntime backend runs) instead of standard DequantizeLinear ->
+            MatMul, which other runtimes read too.
     """
     path = check_writable(path)
+    if matmulnbits:
+        from kompakt.runtime.backends import lower_for_onnxruntime
+
+        model = lower_for_onnxruntime(model)
     leftover = sorted({n.op_type for n in model.graph if n.domain == "kompakt"})
     if leftover:
         raise KompaktError(f"cannot export: kompakt ops {leftover} have no standard ONNX form yet")
@@ -64,4 +76,6 @@ def export_onnx(model: ir.Model, path: str | os.PathLike, external_data: bool | 
 
 
 def _weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+    )

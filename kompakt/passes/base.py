@@ -95,7 +95,7 @@ class Pass:
     @classmethod
     def options(cls) -> list[Option]:
         """The pass's options in declaration order, with their types and defaults."""
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         docs = _option_docs(cls)
         result = []
         for f in dataclasses.fields(cls):
@@ -105,7 +105,9 @@ class Pass:
             if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 default = f.default_factory()  # type: ignore[misc]
             result.append(
-                Option(f.name.replace("_", "-"), f.name, hints[f.name], default, docs.get(f.name, ""))
+                Option(
+                    f.name.replace("_", "-"), f.name, hints[f.name], default, docs.get(f.name, "")
+                )
             )
         return result
 
@@ -122,6 +124,20 @@ class Pass:
             for o in self.options()
             if getattr(self, o.field) != o.default
         }
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """Resolved field annotations, also for passes defined in a script run with runpy (whose
+    module is not in sys.modules, where typing looks for the names)."""
+    try:
+        return typing.get_type_hints(cls)
+    except NameError:
+        namespace = dict(globals())
+        for klass in reversed(cls.__mro__):
+            run = klass.__dict__.get("run")
+            if run is not None:
+                namespace.update(run.__globals__)
+        return typing.get_type_hints(cls, globalns=namespace)
 
 
 def _option_docs(cls: type) -> dict[str, str]:

@@ -8,4 +8,5 @@ from kompakt.passes.cleanup import (  # noqa: F401
     infer_shapes,
     remove_dead_code,
 )
+from kompakt.passes.lower import lower_to_matmulnbits  # noqa: F401
 from kompakt.passes.quantize import quantize_weights  # noqa: F401

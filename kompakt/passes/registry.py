@@ -81,13 +81,17 @@ def _load_plugins() -> None:
         try:
             loaded = entry.load()
         except Exception as err:  # a broken plugin must not break kompakt itself
-            _log.warning("kompakt: could not load pass plugin '%s' (%s): %s", entry.name, entry.value, err)
+            _log.warning(
+                "kompakt: could not load pass plugin '%s' (%s): %s", entry.name, entry.value, err
+            )
             continue
         if isinstance(loaded, type) and issubclass(loaded, Pass):
             if loaded.name != entry.name:
                 _log.warning(
                     "kompakt: plugin entry point '%s' names pass '%s'; registering it as '%s'",
-                    entry.name, loaded.name, loaded.name,
+                    entry.name,
+                    loaded.name,
+                    loaded.name,
                 )
             register_pass(loaded)
 

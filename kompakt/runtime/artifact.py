@@ -63,7 +63,9 @@ def load_artifact(directory: str | os.PathLike, backend: str | None = None, devi
     if meta.get("format") != FORMAT:
         raise KompaktError(f"'{meta_path}' is not a kompakt model description")
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise KompaktError(f"'{directory}' was saved by a newer kompakt (format {meta['format_version']})")
+        raise KompaktError(
+            f"'{directory}' was saved by a newer kompakt (format {meta['format_version']})"
+        )
     try:
         model = ir.load(directory / _GRAPH)
         verify(model)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import collections
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -58,12 +59,23 @@ class OnnxRuntimeBackend:
     def __init__(self, model: ir.Model, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        model = lower_for_onnxruntime(model)
+        self.op_counts = collections.Counter(
+            (f"{n.domain}::{n.op_type}" if n.domain else n.op_type) for n in model.graph
+        )  # what ORT is given (after lowering), for tests and reports
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business
         self._tmp: tempfile.TemporaryDirectory | None = None
+        folder = _external_data_folder(model)
+        if folder is not None:
+            # Weights mapped from a saved model stay on disk; tell ORT where they are, since a
+            # model given as bytes has no folder of its own.
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", folder
+            )
         try:
             source = self._serialize(model)
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -76,7 +88,9 @@ class OnnxRuntimeBackend:
         model.ir_version = IR_VERSION  # ORT 1.31 rejects IR > 13
         try:
             weight_bytes = sum(
-                v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None
+                v.const_value.nbytes
+                for v in model.graph.initializers.values()
+                if v.const_value is not None
             )
             if weight_bytes < _IN_MEMORY_LIMIT:
                 return ir.to_proto(model).SerializeToString()
@@ -96,6 +110,31 @@ class OnnxRuntimeBackend:
         return [torch.from_numpy(np.asarray(o)) for o in outputs]
 
 
+def lower_for_onnxruntime(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` with quantized MatMuls as MatMulNBits (tensors are shared, not copied)."""
+    from kompakt.passes.base import CompileContext
+    from kompakt.passes.lower.lower_to_matmulnbits import LowerToMatMulNBits
+
+    if not any(n.op_type == "DequantizeLinear" for n in model.graph):
+        return model
+    lowered = model.clone()
+    LowerToMatMulNBits().run(lowered, CompileContext(progress=False))
+    return lowered
+
+
+def _external_data_folder(model: ir.Model) -> str | None:
+    folders = {
+        tensor.base_dir
+        for value in model.graph.initializers.values()
+        if isinstance(tensor := value.const_value, ir.ExternalTensor)
+    }
+    if len(folders) > 1:
+        raise KompaktError(
+            f"the model's external weights live in several folders ({sorted(map(str, folders))})"
+        )
+    return str(folders.pop()) if folders else None
+
+
 def _to_numpy(name: str, tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype == torch.bfloat16:
         raise KompaktError(f"input '{name}': the onnxruntime backend cannot take bfloat16 tensors")
@@ -112,6 +151,8 @@ def make_backend(name: str, model: ir.Model, device: str | torch.device = "cpu")
         return ReferenceBackend(model, device)
     if name == "onnxruntime":
         if torch.device(device).type != "cpu":
-            raise KompaktError("the onnxruntime backend runs on the CPU only; use backend='reference'")
+            raise KompaktError(
+                "the onnxruntime backend runs on the CPU only; use backend='reference'"
+            )
         return OnnxRuntimeBackend(model)
     raise KompaktError(f"unknown backend '{name}'; backends: {', '.join(BACKENDS)}")

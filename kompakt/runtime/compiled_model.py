@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ class InputSpec:
     dims: tuple[int | str | None, ...] | None  # ints are fixed; str/None are symbolic
 
     def describe(self) -> str:
-        dims = "?" if self.dims is None else ", ".join("?" if d is None else str(d) for d in self.dims)
+        dims = (
+            "?" if self.dims is None else ", ".join("?" if d is None else str(d) for d in self.dims)
+        )
         return f"{self.name}: {str(self.dtype).replace('torch.', '')}[{dims}]"
 
 
@@ -76,11 +77,15 @@ class CompiledModel:
     def _feeds(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         names = [s.name for s in self.inputs]
         if len(args) > len(names):
-            raise InputError(f"got {len(args)} positional inputs; the model takes {len(names)}: {', '.join(names)}")
+            raise InputError(
+                f"got {len(args)} positional inputs; the model takes {len(names)}: {', '.join(names)}"
+            )
         given = dict(zip(names, args, strict=False))
         for name, value in kwargs.items():
             if name not in names:
-                raise InputError(f"unknown input '{name}'{did_you_mean(name, names)}; inputs: {', '.join(names)}")
+                raise InputError(
+                    f"unknown input '{name}'{did_you_mean(name, names)}; inputs: {', '.join(names)}"
+                )
             if name in given:
                 raise InputError(f"input '{name}' given both positionally and by name")
             given[name] = value
@@ -90,9 +95,13 @@ class CompiledModel:
             raise InputError(f"missing input(s): {expected}")
         return {spec.name: _check(spec, given[spec.name]) for spec in self.inputs}
 
-    def export_onnx(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
-        """Writes standard ONNX (checked by onnx.checker) that ONNX Runtime runs."""
-        return export_onnx(self._model, path, external_data=external_data)
+    def export_onnx(
+        self, path: str | os.PathLike, external_data: bool | None = None, matmulnbits: bool = False
+    ) -> Path:
+        """Writes ONNX checked by onnx.checker. By default standard ops only (quantized weights as
+        DequantizeLinear); ``matmulnbits=True`` writes ONNX Runtime's MatMulNBits instead, as the
+        onnxruntime backend runs it."""
+        return export_onnx(self._model, path, external_data=external_data, matmulnbits=matmulnbits)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Saves to a folder (ONNX + safetensors + JSON); `kompakt.load` reads it back."""
@@ -116,7 +125,10 @@ def _spec(value: ir.Value) -> InputSpec:
     dtype = torch_dtype(value.dtype) if value.dtype is not None else torch.float32
     dims = None
     if value.shape is not None:
-        dims = tuple(d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape)
+        dims = tuple(
+            d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
+            for d in value.shape
+        )
     return InputSpec(value.name, dtype, dims)
 
 
@@ -137,7 +149,9 @@ def _check(spec: InputSpec, value: Any) -> torch.Tensor:
         value = value.to(spec.dtype)
     if spec.dims is not None:
         if value.dim() != len(spec.dims):
-            raise InputError(f"input '{spec.name}' must have rank {len(spec.dims)} ({spec.describe()}), got shape {list(value.shape)}")
+            raise InputError(
+                f"input '{spec.name}' must have rank {len(spec.dims)} ({spec.describe()}), got shape {list(value.shape)}"
+            )
         for index, (want, got) in enumerate(zip(spec.dims, value.shape, strict=True)):
             if isinstance(want, int) and want != got:
                 raise InputError(

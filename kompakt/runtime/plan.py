@@ -66,6 +66,10 @@ class ExecutionPlan:
             except UnsupportedOpError as err:
                 problems.append(err)
                 continue
+            if node.op_type == "Constant" and not node.inputs:
+                # Evaluated once, here, and kept on the plan's device like an initializer.
+                self._constants[slot(node.outputs[0])] = kernel().to(self.device)
+                continue
             ins = tuple(_NONE if v is None else self._use(slots, v, node) for v in node.inputs)
             outs = tuple(slot(v) if v.name or v.uses() else _NONE for v in node.outputs)
             raw_steps.append((node, kernel, ins, outs))
@@ -131,17 +135,28 @@ class ExecutionPlan:
 
 
 def _many_unsupported(problems: list[UnsupportedOpError]) -> UnsupportedOpError:
-    ops = sorted({p.op for p in problems})
+    by_op: dict[str, list[UnsupportedOpError]] = {}
+    for p in problems:
+        by_op.setdefault(p.op, []).append(p)
+    parts = []
+    for op, found in by_op.items():
+        first = found[0]
+        where = f" (from module '{first.module}')" if first.module else ""
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        reason = f" ({first.detail})" if first.detail else ""
+        parts.append(f"'{op}' at node '{first.node}'{where}{more}{reason}")
     first = problems[0]
-    listing = "; ".join(str(p) for p in problems[:5])
-    more = f"; and {len(problems) - 5} more nodes" if len(problems) > 5 else ""
-    err = UnsupportedOpError(first.op, first.node, first.module, f"{len(problems)} nodes use ops the reference runtime lacks ({', '.join(ops)}): {listing}{more}")
-    return err
+    message = (
+        f"the reference runtime cannot run {len(by_op)} ops used by {len(problems)} nodes: "
+        + "; ".join(parts)
+    )
+    return UnsupportedOpError(first.op, first.node, first.module, message=message)
 
 
 def _kernel_failure(node: ir.Node, args: list, err: Exception) -> KompaktError:
     shapes = ", ".join(
-        "None" if a is None else f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}" for a in args
+        "None" if a is None else f"{str(a.dtype).replace('torch.', '')}{list(a.shape)}"
+        for a in args
     )
     module = module_of(node)
     where = f" (from module '{module}')" if module else ""

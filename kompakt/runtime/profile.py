@@ -11,7 +11,9 @@ from kompakt.ir.tensors import torch_dtype
 from kompakt.runtime.plan import ExecutionPlan
 
 
-def observed_shapes(model: ir.Model, feeds: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+def observed_shapes(
+    model: ir.Model, feeds: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, ...]]:
     """Runs the reference runtime once and records each named value's shape."""
     shapes: dict[str, tuple[int, ...]] = {name: tuple(t.shape) for name, t in feeds.items()}
 

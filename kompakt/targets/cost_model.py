@@ -81,8 +81,14 @@ class CostModel:
         memory_time = (read + written) / self.device.memory_bandwidth
         overhead = self.device.launch_overhead
         core = max(compute_time, memory_time)
-        bound = "overhead" if overhead > core else ("compute" if compute_time > memory_time else "memory")
-        return NodeCost(**label, flops=flops, bytes=read + written, seconds=core + overhead, bound=bound)
+        bound = (
+            "overhead"
+            if overhead > core
+            else ("compute" if compute_time > memory_time else "memory")
+        )
+        return NodeCost(
+            **label, flops=flops, bytes=read + written, seconds=core + overhead, bound=bound
+        )
 
     def _bytes_read(self, value: ir.Value, shapes: Shapes, fused: set[int]) -> float:
         producer = value.producer()
@@ -134,6 +140,13 @@ def _numel(value: ir.Value, shapes: Shapes) -> int:
 
 
 def _value_bytes(value: ir.Value, shapes: Shapes) -> float:
-    if value.dtype is None:
-        return 0.0
-    return storage_bytes(value.dtype, _numel(value, shapes))
+    dtype = value.dtype or _producer_dtype(value)
+    return storage_bytes(dtype, _numel(value, shapes)) if dtype is not None else 0.0
+
+
+def _producer_dtype(value: ir.Value) -> ir.DataType | None:
+    """An output without a declared type: most ops return their first input's type."""
+    producer = value.producer()
+    if producer is None or not producer.inputs or producer.inputs[0] is None:
+        return None
+    return producer.inputs[0].dtype

@@ -58,7 +58,13 @@ PRESETS: dict[str, HardwareSpec] = {
         description="NVIDIA A100 SXM4 80GB",
         kind="gpu",
         memory_bandwidth=2039 * G,  # HBM2e, A100 datasheet
-        peak_flops={"fp32": 19.5 * T, "tf32": 156 * T, "fp16": 312 * T, "bf16": 312 * T, "int8": 624 * T},
+        peak_flops={
+            "fp32": 19.5 * T,
+            "tf32": 156 * T,
+            "fp16": 312 * T,
+            "bf16": 312 * T,
+            "int8": 624 * T,
+        },
         memory_bytes=80e9,
         launch_overhead=_GPU_LAUNCH,
         compute_capability=(8, 0),

@@ -145,8 +145,26 @@ def _apply(recipe: Recipe, token: str, raw: str, target: str) -> Recipe:
         return _set(recipe, raw, target, lowrank=float(m[1]))
     if token == "auto":
         return _set(recipe, raw, target, auto=True)
-    examples = ["w4", "w8", "w4a8", "w8a8", "fp8", "g128", "pc", "sym", "asym", "gptq", "awq", "rtn",
-                "dynamic", "s2:4", "sp50", "lr0.3", "auto", *[k.upper() for k in SCHEME_ALIASES]]
+    examples = [
+        "w4",
+        "w8",
+        "w4a8",
+        "w8a8",
+        "fp8",
+        "g128",
+        "pc",
+        "sym",
+        "asym",
+        "gptq",
+        "awq",
+        "rtn",
+        "dynamic",
+        "s2:4",
+        "sp50",
+        "lr0.3",
+        "auto",
+        *[k.upper() for k in SCHEME_ALIASES],
+    ]
     raise TargetError(
         f"unknown token '{raw}' in target '{target}'{did_you_mean(token, examples)}; "
         f"valid tokens: {', '.join(TOKEN_HELP)}"

@@ -33,7 +33,12 @@ class Canonicalize(Pass):
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         total = PassResult()
-        for step in (GemmToMatMul(), FoldConstants(), EliminateCommonSubexpressions(), RemoveDeadCode()):
+        for step in (
+            GemmToMatMul(),
+            FoldConstants(),
+            EliminateCommonSubexpressions(),
+            RemoveDeadCode(),
+        ):
             result = step.run(model, ctx)
             total.changed |= result.changed
             for key, value in result.stats.items():

@@ -101,4 +101,3 @@ def _scaled(graph, node, value: ir.Value, factor: float, suffix: str, emit) -> i
     dtype = torch.float32 if value.dtype is None else torch_dtype(value.dtype)
     scale = constant(graph, torch.tensor(factor, dtype=dtype), f"{node.name}_{suffix}_scale")
     return emit("Mul", [value, scale], suffix)
-

@@ -36,7 +36,11 @@ def replace_with_dequantized(
     if qw.zero_point is not None:
         zero = qw.zero_point[0] if per_channel else qw.zero_point
         inputs.append(constant(graph, zero, f"{base}_zero_point", dtype=grid.storage_dtype))
-    attributes = {"axis": 1} if per_channel else {"axis": 0, "block_size": grid.rows_per_group(qw.q.shape[0])}
+    attributes = (
+        {"axis": 1}
+        if per_channel
+        else {"axis": 0, "block_size": grid.rows_per_group(qw.q.shape[0])}
+    )
     node = ir.node(
         "DequantizeLinear",
         inputs,
@@ -45,7 +49,12 @@ def replace_with_dequantized(
     )
     set_module(node, site.module)
     node.metadata_props[QUANT_KEY] = json.dumps(
-        {"bits": grid.bits, "group_size": grid.group_size, "symmetric": grid.symmetric, "method": method},
+        {
+            "bits": grid.bits,
+            "group_size": grid.group_size,
+            "symmetric": grid.symmetric,
+            "method": method,
+        },
         sort_keys=True,
     )
     out = node.outputs[0]

@@ -33,7 +33,9 @@ class Grid:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits}")
+            raise ValueError(
+                f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}; got {self.bits}"
+            )
         if self.group_size != -1 and (
             self.group_size < 16 or self.group_size & (self.group_size - 1)
         ):

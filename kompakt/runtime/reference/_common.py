@@ -18,8 +18,6 @@ from kompakt.ir.tensors import ONNX_TO_TORCH, to_torch
 from kompakt.runtime.reference.registry import NodeInfo, OpBuilder
 from kompakt.runtime.reference.registry import op as _register
 
-D = ir.DataType
-FLOAT_TYPES = frozenset({D.FLOAT, D.FLOAT16, D.BFLOAT16, D.DOUBLE})
 # torch stores these but implements few kernels for them: compute through int64 instead.
 WIDE_UNSIGNED = (torch.uint16, torch.uint32)
 INT64_MIN = -(2**63)
@@ -64,7 +62,7 @@ def check_dtype(node: NodeInfo, dtype: ir.DataType | None, what: str) -> None:
 def onnx_dtype_attr(node: NodeInfo, name: str, default: int | None = None) -> ir.DataType | None:
     """An attribute holding an ONNX dtype enum, checked to be one torch can hold."""
     value = node.attr(name, default)
-    if value is None:
+    if not value:  # absent, or 0 (UNDEFINED): the op's default applies
         return None
     try:
         dtype = ir.DataType(value)
@@ -109,11 +107,6 @@ def int_list(values: torch.Tensor | Sequence[int]) -> list[int]:
 # comparisons run on the pattern with its sign bit flipped (which maps unsigned order to signed).
 
 
-def as_signed64(x: torch.Tensor) -> torch.Tensor:
-    """uint64 bits reinterpreted as int64 (wrap-around arithmetic is the same)."""
-    return x.view(torch.int64)
-
-
 def ordered64(x: torch.Tensor) -> torch.Tensor:
     """uint64 mapped to int64 so that signed order equals the unsigned order."""
     return x.view(torch.int64) ^ INT64_MIN
@@ -145,3 +138,36 @@ def udivmod64(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def int64_compute(x: torch.Tensor) -> torch.Tensor:
     """Widens uint16/uint32 to int64 (exact) for ops torch lacks on them; others unchanged."""
     return x.to(torch.int64) if x.dtype in WIDE_UNSIGNED else x
+
+
+# Data-movement kernels (gather, index_select, tril, ...) are missing for these dtypes; moving the
+# same-width signed integers instead moves the exact same bits.
+_RAW_VIEW = {
+    torch.uint16: torch.int16,
+    torch.uint32: torch.int32,
+    torch.uint64: torch.int64,
+    torch.float8_e4m3fn: torch.int8,
+    torch.float8_e4m3fnuz: torch.int8,
+    torch.float8_e5m2: torch.int8,
+    torch.float8_e5m2fnuz: torch.int8,
+}
+
+
+def raw(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s bits as a dtype every torch data-movement kernel supports."""
+    target = _RAW_VIEW.get(x.dtype)
+    return x if target is None else x.view(target)
+
+
+def unraw(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `raw`."""
+    return y if y.dtype == dtype else y.view(dtype)
+
+
+def moves_data(kernel: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Runs a kernel that only moves its first input's elements on `raw` bits."""
+
+    def run(x: torch.Tensor, *rest: torch.Tensor | None) -> torch.Tensor:
+        return unraw(kernel(raw(x), *rest), x.dtype)
+
+    return run

@@ -79,7 +79,7 @@ class NodeInfo:
             if default is _MISSING:
                 raise self.unsupported(f"required attribute '{name}' is missing")
             return default
-        if isinstance(attr, ir.RefAttr):
+        if attr.is_ref():
             raise self.unsupported(f"attribute '{name}' refers to a function attribute")
         kind = attr.type
         if kind == ir.AttributeType.TENSOR:
@@ -104,7 +104,9 @@ class NodeInfo:
 
     def unsupported(self, detail: str) -> UnsupportedOpError:
         """An error naming this node, for builders to raise."""
-        return UnsupportedOpError(_qualified(self.node), self.node.name or "?", module_of(self.node), detail)
+        return UnsupportedOpError(
+            _qualified(self.node), self.node.name or "?", module_of(self.node), detail
+        )
 
 
 def _qualified(node: ir.Node) -> str:
@@ -118,7 +120,10 @@ def build_kernel(node: ir.Node, opset: int) -> Kernel:
     builder = _OPS.get((domain, node.op_type))
     if builder is None:
         raise UnsupportedOpError(
-            _qualified(node), node.name or "?", module_of(node), "the reference runtime has no kernel for it"
+            _qualified(node),
+            node.name or "?",
+            module_of(node),
+            "the reference runtime has no kernel for it",
         )
     return builder(NodeInfo(node, opset))
 
