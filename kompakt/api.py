@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -70,6 +71,11 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
     target = Target.parse(target)
     pipeline = _pipeline(pipeline, target)
     manager = PassManager(pipeline, verify=options.get("verify"))
+    if calibration is not None and not any(p.uses_calibration for p in pipeline.passes):
+        warnings.warn(
+            f"kompakt: calibration data was given, but no pass in '{pipeline}' uses it",
+            stacklevel=2,
+        )
     backend = backend or ("onnxruntime" if target.device.kind == "cpu" else "reference")
     if backend not in BACKENDS:
         raise KompaktError(

@@ -215,3 +215,8 @@ def test_custom_pass_example_runs_by_name(capsys):
     assert record.name == "zero-small-weights"
     assert 0 < record.result.stats["zeroed"] < record.result.stats["of"]
     assert "zero-small-weights" in capsys.readouterr().out
+
+
+def test_calibration_that_nothing_uses_is_reported(captured):
+    with pytest.warns(UserWarning, match="no pass in 'canonicalize' uses it"):
+        kompakt.compile(captured("bert"), target="cpu", calibration=[(tokens(EXAMPLE_SHAPE),)])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -88,6 +88,7 @@ class Pass:
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
+    uses_calibration: ClassVar[bool] = False  # reads ctx.calibration (GPTQ, AWQ, SmoothQuant...)
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         raise NotImplementedError(f"pass '{self.name}' does not implement run()")
@@ -178,6 +179,3 @@ def strip_optional(annotation: Any) -> Any:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
     return annotation
-
-
-ModelPredicate = Callable[[ir.Model], bool]
