@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -12,17 +10,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """Median wall time of ``fn`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from kompakt.timing import median_ms  # noqa: F401  (re-exported for the scripts)
 
 
 def ort_session(model: onnx.ModelProto | str, threads: int | None = None) -> ort.InferenceSession:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 
 import numpy as np
@@ -19,16 +18,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from kompakt.timing import median_seconds
 
 
 def copy_bandwidth() -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
+import typing
 from pathlib import Path
 
 from kompakt.errors import KompaktError
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kompakt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` or similar, which stopped reading
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (keeps Python from failing at exit)
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +117,7 @@ def _inspect(args) -> int:
 
 
 def _passes(args) -> int:
+    from kompakt.passes.pipeline import format_value
     from kompakt.passes.registry import all_passes
 
     for name, cls in all_passes().items():
@@ -121,9 +127,24 @@ def _passes(args) -> int:
                 f"    requires: {', '.join(sorted(cls.requires)) or '-'}   provides: {', '.join(sorted(cls.provides)) or '-'}"
             )
         for option in cls.options():
-            type_name = getattr(option.type, "__name__", str(option.type)).replace("typing.", "")
-            print(f"    {option.name} ({type_name}, default {option.default!r}): {option.doc}")
+            default = format_value(option.default)
+            print(f"    {option.name} ({_type_name(option.type)}, default {default}): {option.doc}")
     return 0
+
+
+def _type_name(annotation) -> str:
+    """How an option's type reads to a user: int, list of str, one of a|b, ... or none."""
+    from kompakt.passes.base import is_optional, strip_optional
+
+    suffix = " or none" if is_optional(annotation) else ""
+    base = strip_optional(annotation)
+    origin = typing.get_origin(base)
+    if origin is typing.Literal:
+        return "one of " + "|".join(map(str, typing.get_args(base))) + suffix
+    if origin in (tuple, list):
+        (item, *_) = typing.get_args(base) or (str,)
+        return f"list of {getattr(item, '__name__', item)}" + suffix
+    return getattr(base, "__name__", str(base)) + suffix
 
 
 def _targets(args) -> int:

@@ -6,30 +6,19 @@ timed in the same process, on the same inputs, against torch eager fp32.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import torch
 
 from kompakt.eval.embeddings import SENTENCES, fidelity, mean_pool
 from kompakt.models import load_minilm
+from kompakt.timing import median_ms
 
 VARIANTS = (
     ("cpu", "kompakt cpu (fp32, ONNX Runtime)"),
     ("cpu-w8", "kompakt cpu-w8"),
     ("cpu-w4", "kompakt cpu-w4"),
 )
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def run_demo(repeats: int = 20) -> None:
@@ -46,7 +35,7 @@ def run_demo(repeats: int = 20) -> None:
     with torch.no_grad():
         reference = mean_pool(model(**inputs32).last_hidden_state, inputs32["attention_mask"])
         base1 = median_ms(lambda: model(**inputs1), repeats)
-        base32 = median_ms(lambda: model(**inputs32), max(3, repeats // 4))
+        base32 = median_ms(lambda: model(**inputs32), max(5, repeats // 2))
     rows = [("torch eager fp32", _bytes(model), None, base1, base32)]
 
     last_report = None
@@ -58,7 +47,7 @@ def run_demo(repeats: int = 20) -> None:
         hidden = compiled(**inputs32)[0]
         score = fidelity(reference, mean_pool(hidden, inputs32["attention_mask"]))
         t1 = median_ms(lambda c=compiled: c(**inputs1), repeats)
-        t32 = median_ms(lambda c=compiled: c(**inputs32), max(3, repeats // 4))
+        t32 = median_ms(lambda c=compiled: c(**inputs32), max(5, repeats // 2))
         last_report = compiled.report()
         rows.append((label, last_report.size_after.bytes, score, t1, t32))
         del compiled  # one live session at a time, so variants do not compete for the cores

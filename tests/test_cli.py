@@ -1,5 +1,6 @@
 """The kompakt command line."""
 
+import io
 import subprocess
 import sys
 
@@ -85,6 +86,7 @@ def test_passes_lists_options(capsys):
         and "group-size (int, default 128)" in out
         and "canonicalize:" in out
     )
+    assert "exclude (list of str, default [])" in out and "symmetric (bool, default false)" in out
 
 
 def test_targets_lists_devices_and_tokens(capsys):
@@ -99,3 +101,15 @@ def test_console_script_is_installed():
         [sys.executable, "-m", "kompakt.cli", "targets"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "devices:" in result.stdout
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`kompakt ... | head` closes stdout early; kompakt exits 0 without a traceback."""
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["passes"]) == 0
+    assert "Traceback" not in capsys.readouterr().err

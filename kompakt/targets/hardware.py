@@ -52,6 +52,16 @@ class HardwareSpec:
 # on A100/H100 (launch latency plus framework dispatch); refined by `kompakt bench` tables.
 _GPU_LAUNCH = 4e-6
 
+# H100 SXM5 and H200 SXM have the same SMs and clocks; only memory differs (dense rates).
+_HOPPER_SXM = {
+    "fp32": 67 * T,
+    "tf32": 494.7 * T,
+    "fp16": 989.4 * T,
+    "bf16": 989.4 * T,
+    "fp8": 1978.9 * T,
+    "int8": 1978.9 * T,
+}
+
 PRESETS: dict[str, HardwareSpec] = {
     "a100": HardwareSpec(
         name="a100",
@@ -75,14 +85,7 @@ PRESETS: dict[str, HardwareSpec] = {
         description="NVIDIA H100 SXM5 80GB",
         kind="gpu",
         memory_bandwidth=3350 * G,  # HBM3, H100 datasheet
-        peak_flops={
-            "fp32": 67 * T,
-            "tf32": 494.7 * T,
-            "fp16": 989.4 * T,
-            "bf16": 989.4 * T,
-            "fp8": 1978.9 * T,
-            "int8": 1978.9 * T,
-        },
+        peak_flops=_HOPPER_SXM,
         memory_bytes=80e9,
         launch_overhead=_GPU_LAUNCH,
         compute_capability=(9, 0),
@@ -93,14 +96,7 @@ PRESETS: dict[str, HardwareSpec] = {
         description="NVIDIA H200 SXM 141GB",
         kind="gpu",
         memory_bandwidth=4800 * G,  # HBM3e, H200 datasheet
-        peak_flops={
-            "fp32": 67 * T,
-            "tf32": 494.7 * T,
-            "fp16": 989.4 * T,
-            "bf16": 989.4 * T,
-            "fp8": 1978.9 * T,
-            "int8": 1978.9 * T,
-        },
+        peak_flops=_HOPPER_SXM,
         memory_bytes=141e9,
         launch_overhead=_GPU_LAUNCH,
         compute_capability=(9, 0),
