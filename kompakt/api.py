@@ -19,6 +19,7 @@ from kompakt.passes.base import CompileContext
 from kompakt.passes.instruments import DumpIRInstrument
 from kompakt.passes.manager import PassManager
 from kompakt.passes.pipeline import Pipeline
+from kompakt.progress import status
 from kompakt.report import LatencyEstimate, Report, SizeStats
 from kompakt.runtime.backends import BACKENDS
 from kompakt.runtime.compiled_model import CompiledModel
@@ -85,6 +86,8 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         "cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu"
     )
 
+    show = options.get("progress", True)
+    status(f"capturing {_describe(model)} ...", show)
     captured = _capture(model, example_inputs, options.get("dynamic_shapes"))
     feeds, shapes_note = _example_feeds(captured, example_inputs)
     cost = CostModel(target.device)
@@ -97,10 +100,11 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         cost_model=cost,
         calibration=calibration,
         seed=options.get("seed", 0),
-        progress=options.get("progress", True),
+        progress=show,
     )
     if options.get("dump_ir"):
         ctx.instruments.append(DumpIRInstrument(options["dump_ir"]))
+    status(f"running {pipeline} ...", show)
     records = manager.run(captured, ctx)
     captured.metadata_props[PIPELINE_KEY] = str(pipeline)
     captured.metadata_props[TARGET_KEY] = str(target)
@@ -144,6 +148,17 @@ def _pipeline(pipeline: str | Pipeline | None, target: Target) -> Pipeline:
     if isinstance(pipeline, str):
         return Pipeline.parse(pipeline)
     raise KompaktError(f"pipeline must be a pipeline string, got {type(pipeline).__name__}")
+
+
+def _describe(model: Any) -> str:
+    """One line naming what is being compiled, for status messages."""
+    if isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    if isinstance(model, onnx.ModelProto):
+        return f"ModelProto '{model.graph.name}'"
+    if isinstance(model, ir.Model):
+        return f"onnx_ir.Model '{model.graph.name}'"
+    return f"'{model}'"
 
 
 def _capture(model: Any, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:

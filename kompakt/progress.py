@@ -1,10 +1,12 @@
-"""Progress bars for long work (quantizing hundreds of layers, calibrating block by block).
+"""Progress for long work: bars (quantizing hundreds of layers) and one-line status messages
+(capturing a model with torch.export can take minutes and has no finer steps to count).
 
-Bars go to stderr and appear only on a terminal, so logs and CI output stay clean.
+Both go to stderr and appear only on a terminal, so logs and CI output stay clean.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -21,3 +23,9 @@ def progress(
         yield from items
         return
     yield from tqdm(items, desc=desc, total=total, disable=None, leave=False, unit="layer")
+
+
+def status(message: str, enabled: bool = True) -> None:
+    """Prints ``kompakt: <message>`` to stderr when ``enabled`` and stderr is a terminal."""
+    if enabled and sys.stderr.isatty():
+        print(f"kompakt: {message}", file=sys.stderr, flush=True)

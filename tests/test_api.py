@@ -220,3 +220,17 @@ def test_custom_pass_example_runs_by_name(capsys):
 def test_calibration_that_nothing_uses_is_reported(captured):
     with pytest.warns(UserWarning, match="no pass in 'canonicalize' uses it"):
         kompakt.compile(captured("bert"), target="cpu", calibration=[(tokens(EXAMPLE_SHAPE),)])
+
+
+def test_status_lines_on_a_terminal_and_not_when_asked(captured, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    kompakt.compile(captured("bert"), target="cpu-w8")
+    err = capsys.readouterr().err
+    assert (
+        "kompakt: capturing onnx_ir.Model 'BertModel'" in err
+        and "kompakt: running canonicalize,quantize-weights" in err
+    )
+    kompakt.compile(captured("bert"), target="cpu-w8", progress=False)
+    assert "kompakt:" not in capsys.readouterr().err

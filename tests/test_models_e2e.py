@@ -135,3 +135,14 @@ def test_minilm_quantized_embedding_fidelity(minilm, minilm_captured, target):
     print(f"{target}: {score}")
     assert score.mean_cosine >= MINILM_COSINE_FLOOR[target]
     assert compiled.report().size_after.bytes < compiled.report().size_before.bytes
+
+
+def test_minilm_exported_file_runs_in_onnxruntime(minilm, minilm_captured, tmp_path):
+    model, _, inputs = minilm
+    compiled = kompakt.compile(minilm_captured, target="cpu", backend="reference")
+    path = compiled.export_onnx(tmp_path / "minilm.onnx")
+    session = _ort_session(path)
+    out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    assert_close_to_scale(torch.from_numpy(out), expected)
