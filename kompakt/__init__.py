@@ -7,8 +7,10 @@ cm.export_onnx("model.onnx")
 print(cm.report())
 """
 
+from kompakt import data
 from kompakt.api import compile, load
 from kompakt.errors import (
+    CalibrationError,
     CaptureError,
     InputError,
     KompaktError,
@@ -26,6 +28,7 @@ from kompakt.targets.target import Target
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
     "CaptureError",
     "CompileContext",
     "CompiledModel",
@@ -41,6 +44,7 @@ __all__ = [
     "UnsupportedOpError",
     "__version__",
     "compile",
+    "data",
     "load",
     "register_pass",
 ]

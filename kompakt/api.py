@@ -16,6 +16,7 @@ from kompakt.ir.metadata import PIPELINE_KEY, TARGET_KEY
 from kompakt.lowering import capture_module, load_onnx
 from kompakt.lowering.normalize import normalize
 from kompakt.passes.base import CompileContext
+from kompakt.passes.calibrate.batches import missing_calibration
 from kompakt.passes.instruments import DumpIRInstrument
 from kompakt.passes.manager import PassManager
 from kompakt.passes.pipeline import Pipeline
@@ -70,9 +71,12 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
             f"unknown option '{unknown[0]}'{did_you_mean(unknown[0], OPTIONS)}; options: {', '.join(OPTIONS)}"
         )
     target = Target.parse(target)
-    pipeline = _pipeline(pipeline, target)
+    pipeline = _pipeline(pipeline, target, calibration is not None)
     manager = PassManager(pipeline, verify=options.get("verify"))
-    if calibration is not None and not any(p.uses_calibration for p in pipeline.passes):
+    needing = [p.name for p in pipeline.passes if p.uses_calibration]
+    if calibration is None and needing:
+        raise missing_calibration(needing[0])
+    if calibration is not None and not needing:
         warnings.warn(
             f"kompakt: calibration data was given, but no pass in '{pipeline}' uses it",
             stacklevel=2,
@@ -140,9 +144,9 @@ def load(
     return load_artifact(directory, backend=backend, device=device)
 
 
-def _pipeline(pipeline: str | Pipeline | None, target: Target) -> Pipeline:
+def _pipeline(pipeline: str | Pipeline | None, target: Target, calibrated: bool) -> Pipeline:
     if pipeline is None:
-        return target.default_pipeline()
+        return target.default_pipeline(calibrated)
     if isinstance(pipeline, Pipeline):
         return pipeline
     if isinstance(pipeline, str):

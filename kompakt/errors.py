@@ -57,6 +57,10 @@ class CodegenError(KompaktError):
     """Kernel generation failed."""
 
 
+class CalibrationError(KompaktError):
+    """Calibration data is missing, malformed, or contains NaN/Inf."""
+
+
 class InputError(KompaktError):
     """Inputs given to a compiled model do not match its graph inputs."""
 

@@ -36,3 +36,34 @@ def load_minilm():
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     return model, tokenizer
+
+
+def _eval_data():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent / "eval" / "data"
+
+
+def load_tiny_lm():
+    """kompakt's small byte-level Llama trained on the King James Bible (float32, eval mode).
+
+    See examples/train_tiny_lm.py for how it was made and kompakt/eval/data/tiny_lm/training.json
+    for its held-out perplexity.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = _eval_data() / "tiny_lm"
+    if not (path / "model.safetensors").is_file():
+        raise KompaktError(
+            f"the tiny LM's weights are missing from {path}; run examples/train_tiny_lm.py"
+        )
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tiny_lm_texts() -> tuple[bytes, bytes]:
+    """(held-out text, calibration text) of the tiny LM's corpus, as bytes (= its token ids)."""
+    data = _eval_data()
+    return (data / "kjv_heldout.txt").read_bytes(), (data / "kjv_calibration.txt").read_bytes()

@@ -93,6 +93,12 @@ def test_recipes_without_a_pass_yet_fail_plainly(text):
         Target.parse(text).default_pipeline()
 
 
-def test_algorithm_token_needs_its_pass():
-    with pytest.raises(TargetError, match="'gptq' algorithm"):
-        Target.parse("a100-w4-gptq").default_pipeline()
+def test_algorithm_tokens_choose_the_pass():
+    assert str(Target.parse("a100-w4-gptq").default_pipeline()) == (
+        "canonicalize,gptq{bits=4,group-size=128,symmetric=false}"
+    )
+    assert str(Target.parse("cpu-w3-g64-sym-awq").default_pipeline()) == (
+        "canonicalize,awq{bits=3,group-size=64,symmetric=true}"
+    )
+    assert ",gptq{" in str(Target.parse("cpu-w4").default_pipeline(calibrated=True))
+    assert ",quantize-weights{" in str(Target.parse("cpu-w4-rtn").default_pipeline(calibrated=True))

@@ -53,8 +53,13 @@ class Target:
     def __str__(self) -> str:
         return self.text
 
-    def default_pipeline(self) -> Pipeline:
+    def default_pipeline(self, calibrated: bool = False) -> Pipeline:
         """The pipeline this target's recipe stands for.
+
+        Args:
+            calibrated: Calibration data is available. Weight bits without an algorithm token
+                then use GPTQ, the most accurate in kompakt's accuracy harness
+                (benchmarks/RESULTS.md); without data, round-to-nearest.
 
         Raises:
             TargetError: The recipe asks for something this build has no pass for.
@@ -70,7 +75,7 @@ class Target:
             unsupported.append("low-rank factorization (lrX)")
         if r.auto:
             unsupported.append("automatic per-layer selection (auto)")
-        algorithm = r.algorithm or "rtn"
+        algorithm = r.algorithm or ("gptq" if calibrated else "rtn")
         pass_name = "quantize-weights" if algorithm == "rtn" else algorithm
         if r.weight_bits and pass_name not in all_passes():
             unsupported.append(f"the '{algorithm}' algorithm")

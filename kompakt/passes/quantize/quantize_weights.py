@@ -68,7 +68,7 @@ class QuantizeWeights(Pass):
                 raise KompaktError(f"cannot quantize weight of '{site.label}': {err}") from err
             k, n = weight.shape
             old_bytes = storage_bytes(site.weight.dtype, k * n)
-            new_bytes = _quantized_bytes(qw, grid)
+            new_bytes = quantized_bytes(qw, grid)
             before, after = before + old_bytes, after + new_bytes
             result.records.append(
                 {
@@ -98,7 +98,7 @@ class QuantizeWeights(Pass):
         return result
 
 
-def _quantized_bytes(qw, grid: Grid) -> float:
+def quantized_bytes(qw, grid: Grid) -> float:
     total = storage_bytes(grid.storage_dtype, qw.q.numel())
     total += qw.scale.numel() * qw.scale.element_size()
     if qw.zero_point is not None:
