@@ -29,12 +29,37 @@ from kompakt.eval.texts import CALIBRATION_TEXTS
 from kompakt.lowering import capture_module
 from kompakt.models import load_minilm, load_tiny_lm, tiny_lm_texts
 
-METHODS = {"RTN": "quantize-weights", "GPTQ": "gptq", "AWQ": "awq"}
-SCHEMES = {
-    "w8 per-channel": "bits=8,group-size=-1,symmetric=true",
-    "w4 g128": "bits=4,group-size=128",
-    "w3 g128": "bits=3,group-size=128",
-}
+W8 = "quantize-weights{bits=8,group-size=-1,symmetric=true}"
+W8A8 = "quantize-activations{dynamic=true}"
+ROWS: list[tuple[str, str, str]] = [
+    # (scheme, method, pipeline after canonicalize)
+    ("w8 per-channel", "RTN", "quantize-weights{bits=8,group-size=-1,symmetric=true}"),
+    ("w8 per-channel", "GPTQ", "gptq{bits=8,group-size=-1,symmetric=true}"),
+    ("w8 per-channel", "AWQ", "awq{bits=8,group-size=-1,symmetric=true}"),
+    ("w8 per-channel", "LLM.int8() split (weights)", "outlier-split{kind=activation}"),
+    ("W8A8 dynamic per-token", "RTN weights, no smoothing", f"{W8},{W8A8}"),
+    ("W8A8 dynamic per-token", "SmoothQuant", f"smoothquant,{W8},{W8A8}"),
+    ("W8A8 dynamic per-token", "LLM.int8() split", f"outlier-split{{kind=activation}},{W8A8}"),
+    ("W8A8 static per-tensor", "RTN weights, no smoothing", f"{W8},quantize-activations"),
+    ("W8A8 static per-tensor", "SmoothQuant", f"smoothquant,{W8},quantize-activations"),
+    ("fp8 E4M3 static", "per-channel weight scales", "fp8"),
+    ("w4.5 mixed (4/8)", "HAWQ-style + GPTQ", "mixed-precision{average-bits=4.5}"),
+    ("w4 g128", "RTN", "quantize-weights{bits=4,group-size=128}"),
+    ("w4 g128", "GPTQ", "gptq{bits=4,group-size=128}"),
+    ("w4 g128", "AWQ", "awq{bits=4,group-size=128}"),
+    ("w4 g128", "RTN + LoRC r8", "keep-float-weights,quantize-weights,lowrank-compensation"),
+    ("w4 g16", "SpQR (1% outliers)", "outlier-split{kind=weight,bits=4}"),
+    ("w4", "codebook (SqueezeLLM)", "codebook{bits=4}"),
+    ("w3 g128", "RTN", "quantize-weights{bits=3,group-size=128}"),
+    ("w3 g128", "GPTQ", "gptq{bits=3,group-size=128}"),
+    ("w3 g128", "AWQ", "awq{bits=3,group-size=128}"),
+    (
+        "w3 g128",
+        "RTN + LoRC r8",
+        "keep-float-weights,quantize-weights{bits=3},lowrank-compensation",
+    ),
+    ("w3", "codebook (SqueezeLLM)", "codebook{bits=3}"),
+]
 
 
 def main() -> None:
@@ -66,36 +91,36 @@ def main() -> None:
     rows = [["fp32", "-", f"{fp32_ppl:.4f}", "1.00000", f"{fp32_bytes / 1e6:.2f}"]]
     print(f"  fp32: ppl {fp32_ppl:.4f}", flush=True)
 
-    for scheme, options in SCHEMES.items():
-        for method, pass_name in METHODS.items():
-            pipeline = f"canonicalize,{pass_name}{{{options}}}"
-            start = time.perf_counter()
-            lm_q = kompakt.compile(
-                lm_ir,
-                pipeline=pipeline,
-                backend="reference",
-                calibration=lm_calibration if method != "RTN" else None,
-                estimate_latency=False,
-                progress=False,
-            )
-            ppl = perplexity(lambda ids, m=lm_q: m(ids), heldout, max_windows=args.windows)
-            mini_q = kompakt.compile(
-                minilm_ir,
-                pipeline=pipeline,
-                backend="reference",
-                calibration=minilm_calibration if method != "RTN" else None,
-                estimate_latency=False,
-                progress=False,
-            )
-            cosine = fidelity(
-                reference, mean_pool(mini_q(**inputs)[0], inputs["attention_mask"])
-            ).mean_cosine
-            size = lm_q.report().size_after.bytes
-            rows.append([scheme, method, f"{ppl:.4f}", f"{cosine:.5f}", f"{size / 1e6:.2f}"])
-            print(
-                f"  {scheme} {method}: ppl {ppl:.4f} cosine {cosine:.5f} ({time.perf_counter() - start:.0f} s)",
-                flush=True,
-            )
+    for scheme, method, passes in ROWS:
+        pipeline = f"canonicalize,{passes}"
+        calibrated = any(p.uses_calibration for p in kompakt.Pipeline.parse(pipeline).passes)
+        start = time.perf_counter()
+        lm_q = kompakt.compile(
+            lm_ir,
+            pipeline=pipeline,
+            backend="reference",
+            calibration=lm_calibration if calibrated else None,
+            estimate_latency=False,
+            progress=False,
+        )
+        ppl = perplexity(lambda ids, m=lm_q: m(ids), heldout, max_windows=args.windows)
+        mini_q = kompakt.compile(
+            minilm_ir,
+            pipeline=pipeline,
+            backend="reference",
+            calibration=minilm_calibration if calibrated else None,
+            estimate_latency=False,
+            progress=False,
+        )
+        cosine = fidelity(
+            reference, mean_pool(mini_q(**inputs)[0], inputs["attention_mask"])
+        ).mean_cosine
+        size = lm_q.report().size_after.bytes
+        rows.append([scheme, method, f"{ppl:.4f}", f"{cosine:.5f}", f"{size / 1e6:.2f}"])
+        print(
+            f"  {scheme} {method}: ppl {ppl:.4f} cosine {cosine:.5f} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
 
     print()
     print(

@@ -26,6 +26,7 @@ from kompakt.runtime.backends import BACKENDS
 from kompakt.runtime.compiled_model import CompiledModel
 from kompakt.runtime.profile import observed_shapes, synthetic_feeds
 from kompakt.targets.cost_model import CostModel
+from kompakt.targets.overrides import apply_overrides
 from kompakt.targets.target import Target
 
 OPTIONS = {
@@ -46,6 +47,7 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
     calibration: Any = None,
     pipeline: str | Pipeline | None = None,
     backend: str | None = None,
+    overrides: Mapping[str, str | None] | None = None,
     **options: Any,
 ) -> CompiledModel:
     """Compiles a model for a target.
@@ -60,6 +62,8 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         pipeline: Overrides the target's default pipeline (a pipeline string).
         backend: ``"reference"`` or ``"onnxruntime"``; default: onnxruntime for the cpu device,
             reference otherwise.
+        overrides: Per-layer recipes by module-path glob, e.g. ``{"*.down_proj": "w8",
+            "lm_head": None}`` (None keeps the layers in float); see `kompakt.targets.overrides`.
         **options: See `OPTIONS`.
 
     Raises:
@@ -72,6 +76,8 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         )
     target = Target.parse(target)
     pipeline = _pipeline(pipeline, target, calibration is not None)
+    if overrides:
+        pipeline = apply_overrides(pipeline, overrides, target, calibration is not None)
     manager = PassManager(pipeline, verify=options.get("verify"))
     needing = [p.name for p in pipeline.passes if p.uses_calibration]
     if calibration is None and needing:

@@ -87,7 +87,7 @@ def test_default_pipelines():
     )
 
 
-@pytest.mark.parametrize("text", ["a100-w8a8", "cpu-sp50", "a100-w4-lr0.3", "a100-auto"])
+@pytest.mark.parametrize("text", ["cpu-sp50", "a100-w4-lr0.3", "a100-auto"])
 def test_recipes_without_a_pass_yet_fail_plainly(text):
     with pytest.raises(TargetError, match="does not implement yet"):
         Target.parse(text).default_pipeline()
@@ -102,3 +102,52 @@ def test_algorithm_tokens_choose_the_pass():
     )
     assert ",gptq{" in str(Target.parse("cpu-w4").default_pipeline(calibrated=True))
     assert ",quantize-weights{" in str(Target.parse("cpu-w4-rtn").default_pipeline(calibrated=True))
+
+
+@pytest.mark.parametrize(
+    ("text", "pipeline"),
+    [
+        (
+            "a100-w8a8",
+            "canonicalize,smoothquant,gptq{bits=8,group-size=-1,symmetric=true},"
+            "quantize-activations{bits=8,dynamic=true}",
+        ),
+        (
+            "cpu-W8A8-static-rtn",
+            "canonicalize,smoothquant,quantize-weights{bits=8,group-size=-1,symmetric=true},"
+            "quantize-activations{bits=8,dynamic=false}",
+        ),
+        (
+            "a100-w4a8",
+            "canonicalize,smoothquant,gptq{bits=4,group-size=128,symmetric=false},"
+            "quantize-activations{bits=8,dynamic=true}",
+        ),
+        ("h100-fp8", "canonicalize,fp8"),
+        ("h100-FP8_DYNAMIC", "canonicalize,fp8{dynamic=true}"),
+        ("cpu-w3-codebook", "canonicalize,codebook{bits=3}"),
+        (
+            "cpu-w3-spqr",
+            "canonicalize,outlier-split{kind=weight,bits=3,group-size=16,symmetric=false}",
+        ),
+        (
+            "cpu-w3-lorc",
+            "canonicalize,keep-float-weights,gptq{bits=3,group-size=128,symmetric=false},"
+            "lowrank-compensation",
+        ),
+    ],
+)
+def test_recipes_for_each_scheme(text, pipeline):
+    assert str(Target.parse(text).default_pipeline(calibrated=True)) == pipeline
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("h100-fp8-w4", "fp8 sets the weights' format"),
+        ("cpu-w3-g64-codebook", "no groups"),
+        ("cpu-lorc", "add w4 or w3"),
+    ],
+)
+def test_scheme_conflicts_are_named(text, fragment):
+    with pytest.raises(TargetError, match=fragment):
+        Target.parse(text).default_pipeline(calibrated=True)

@@ -9,4 +9,15 @@ from kompakt.passes.cleanup import (  # noqa: F401
     remove_dead_code,
 )
 from kompakt.passes.lower import lower_to_matmulnbits  # noqa: F401
-from kompakt.passes.quantize import awq, gptq, quantize_weights  # noqa: F401
+from kompakt.passes.quantize import (  # noqa: F401
+    awq,
+    codebook,
+    fp8,
+    gptq,
+    lowrank_compensation,
+    mixed_precision,
+    outlier_split,
+    quantize_activations,
+    quantize_weights,
+    smoothquant,
+)

@@ -27,6 +27,16 @@ BACKENDS = ("reference", "onnxruntime")
 _IN_MEMORY_LIMIT = 1_800_000_000
 
 
+_FLOAT8 = frozenset(
+    {
+        ir.DataType.FLOAT8E4M3FN,
+        ir.DataType.FLOAT8E4M3FNUZ,
+        ir.DataType.FLOAT8E5M2,
+        ir.DataType.FLOAT8E5M2FNUZ,
+    }
+)
+
+
 class Backend(Protocol):
     name: str
 
@@ -68,6 +78,12 @@ class OnnxRuntimeBackend:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3  # errors only; ORT's warnings are not the user's business
+        if any(
+            n.op_type == "QuantizeLinear" and n.outputs[0].dtype in _FLOAT8 for n in model.graph
+        ):
+            # ORT 1.31 fuses Q/DQ around a MatMul into MatMulIntegerToFloat, which rejects float8
+            # inputs and fails the load; its plain float8 Q/DQ kernels run such models correctly.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         self._tmp: tempfile.TemporaryDirectory | None = None
         folder = _external_data_folder(model)
         if folder is not None:

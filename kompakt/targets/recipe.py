@@ -4,6 +4,7 @@
     cpu-w8             8-bit weights, one scale per output channel
     cpu-w4-g64-sym     4-bit, group 64, symmetric
     a100-w4-gptq       4-bit with GPTQ instead of round-to-nearest
+    a100-w4.5          mixed precision: bits per layer by sensitivity, 4.5 bits on average
     a100-W4A16         llm-compressor's scheme names are accepted as aliases
 
 Tokens are case-insensitive. A token this build can parse but has no pass for yet is reported
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from kompakt.errors import TargetError, did_you_mean
 
-ALGORITHMS = ("rtn", "gptq", "awq")
+ALGORITHMS = ("rtn", "gptq", "awq", "codebook", "spqr")
 
 # llm-compressor scheme names -> our tokens.
 SCHEME_ALIASES: dict[str, tuple[str, ...]] = {
@@ -32,14 +33,18 @@ SCHEME_ALIASES: dict[str, tuple[str, ...]] = {
 
 TOKEN_HELP: dict[str, str] = {
     "w2 / w3 / w4 / w8": "weight-only quantization to 2/3/4/8 bits",
+    "w4.5 (any w<bits>.<fraction>)": "mixed precision: widths per layer averaging this many bits",
     "w4a8 / w8a8": "weights and activations quantized (int8 activations)",
     "fp8": "float8 E4M3 weights and activations",
     "nvfp4": "NVIDIA FP4 weights and activations",
     "g32 / g64 / g128 / g256": "quantization group size along K",
     "pc": "one scale per output channel (no groups)",
     "sym / asym": "symmetric (signed, no zero point) or asymmetric grid",
-    "rtn / gptq / awq": "weight quantization algorithm",
-    "dynamic": "activation scales computed at run time",
+    "rtn / gptq / awq / codebook / spqr": "weight quantization algorithm (codebook: SqueezeLLM "
+    "lookup tables; spqr: groups of 16 plus 1% float outlier weights)",
+    "lorc": "add a low-rank correction of the quantization error (ZeroQuant-V2's LoRC)",
+    "dynamic / static": "activation scales per token at run time (default for w8a8/w4a8) or per "
+    "tensor from calibration (default for fp8)",
     "s2:4": "2:4 structured sparsity",
     "sp50": "unstructured sparsity, percent of weights zeroed",
     "lr0.3": "low-rank factorization keeping this fraction of rank",
@@ -53,13 +58,15 @@ class Recipe:
     """The compression a target asks for. ``None`` means "not asked" (use the default)."""
 
     weight_bits: int | None = None
+    average_bits: float | None = None
     activation_bits: int | None = None
     fp8: bool = False
     nvfp4: bool = False
     group_size: int | None = None
     symmetric: bool | None = None
     algorithm: str | None = None
-    dynamic: bool = False
+    dynamic: bool | None = None
+    lorc: bool = False
     sparsity: float | None = None
     structured_sparsity: tuple[int, int] | None = None
     lowrank: float | None = None
@@ -115,6 +122,13 @@ def _set(recipe: Recipe, raw: str, target: str, **changes) -> Recipe:
 def _apply(recipe: Recipe, token: str, raw: str, target: str) -> Recipe:
     if m := re.fullmatch(r"w([2348])", token):
         return _set(recipe, raw, target, weight_bits=int(m[1]))
+    if m := re.fullmatch(r"w([2-8])\.(\d+)", token):
+        bits = float(f"{m[1]}.{m[2]}")
+        if not 2 < bits < 8:
+            raise TargetError(
+                f"token '{raw}' in target '{target}': mixed precision averages between 2 and 8 bits"
+            )
+        return _set(recipe, raw, target, weight_bits=int(bits), average_bits=bits)
     if m := re.fullmatch(r"w([48])a8", token):
         return _set(recipe, raw, target, weight_bits=int(m[1]), activation_bits=8)
     if token == "fp8":
@@ -129,8 +143,10 @@ def _apply(recipe: Recipe, token: str, raw: str, target: str) -> Recipe:
         return _set(recipe, raw, target, symmetric=token == "sym")
     if token in ALGORITHMS:
         return _set(recipe, raw, target, algorithm=token)
-    if token == "dynamic":
-        return _set(recipe, raw, target, dynamic=True)
+    if token in ("dynamic", "static"):
+        return _set(recipe, raw, target, dynamic=token == "dynamic")
+    if token == "lorc":
+        return _set(recipe, raw, target, lorc=True)
     if m := re.fullmatch(r"s(\d+):(\d+)", token):
         n, mm = int(m[1]), int(m[2])
         if not 0 < n < mm:
@@ -159,6 +175,10 @@ def _apply(recipe: Recipe, token: str, raw: str, target: str) -> Recipe:
         "awq",
         "rtn",
         "dynamic",
+        "static",
+        "lorc",
+        "codebook",
+        "spqr",
         "s2:4",
         "sp50",
         "lr0.3",

@@ -56,39 +56,93 @@ class Target:
     def default_pipeline(self, calibrated: bool = False) -> Pipeline:
         """The pipeline this target's recipe stands for.
 
-        Args:
-            calibrated: Calibration data is available. Weight bits without an algorithm token
-                then use GPTQ, the most accurate in kompakt's accuracy harness
-                (benchmarks/RESULTS.md); without data, round-to-nearest.
+        - weight bits: the algorithm's pass (``gptq`` when calibration is given and no algorithm
+          is named: the most accurate in kompakt's accuracy harness, benchmarks/RESULTS.md;
+          round-to-nearest without data); ``w4.5``: mixed precision;
+        - ``w8a8`` / ``w4a8``: SmoothQuant, the weights, then int8 activations, per token at run
+          time unless ``static`` (as llm-compressor's W8A8 scheme; per-tensor static scales lose
+          more on the embedding model, see RESULTS.md);
+        - ``fp8``: E4M3 weights and activations, static per-tensor activation scales unless
+          ``dynamic``;
+        - ``lorc``: a low-rank correction of the weights' quantization error after them.
 
         Raises:
             TargetError: The recipe asks for something this build has no pass for.
         """
         r = self.recipe
-        parts = [CANONICAL_PREFIX]
         unsupported = []
-        if r.activation_bits or r.fp8 or r.nvfp4:
-            unsupported.append("activation quantization (w8a8/w4a8/fp8/nvfp4)")
+        if r.nvfp4:
+            unsupported.append("NVFP4")
         if r.sparsity or r.structured_sparsity:
             unsupported.append("pruning (sN:M/spNN)")
         if r.lowrank:
             unsupported.append("low-rank factorization (lrX)")
         if r.auto:
             unsupported.append("automatic per-layer selection (auto)")
-        algorithm = r.algorithm or ("gptq" if calibrated else "rtn")
-        pass_name = "quantize-weights" if algorithm == "rtn" else algorithm
-        if r.weight_bits and pass_name not in all_passes():
-            unsupported.append(f"the '{algorithm}' algorithm")
         if unsupported:
             raise TargetError(
                 f"target '{self.text}' asks for {' and '.join(unsupported)}, which this build of "
-                "kompakt does not implement yet; available now: weight-only round-to-nearest "
-                "(w2/w3/w4/w8 with g<N>, pc, sym/asym)"
+                "kompakt does not implement yet; available now: weight quantization (w2-w8, "
+                "w4.5, rtn/gptq/awq/codebook/spqr, lorc), w8a8, w4a8, fp8"
             )
-        if r.weight_bits:
-            options = [f"bits={r.weight_bits}"]
-            group, symmetric = r.effective_group_size(), r.effective_symmetric()
-            options.append(f"group-size={group}")
-            options.append(f"symmetric={'true' if symmetric else 'false'}")
-            parts.append(f"{pass_name}{{{','.join(options)}}}")
+        parts = [CANONICAL_PREFIX]
+        if r.lorc:
+            parts.append("keep-float-weights")
+        if r.fp8:
+            if r.weight_bits:
+                raise TargetError(
+                    f"target '{self.text}': fp8 sets the weights' format; drop w{r.weight_bits}"
+                )
+            parts.append("fp8{dynamic=true}" if r.dynamic else "fp8")
+        elif r.activation_bits:
+            parts.append("smoothquant")
+            parts.append(self._weight_pass(calibrated))
+            dynamic = "false" if r.dynamic is False else "true"
+            parts.append(f"quantize-activations{{bits={r.activation_bits},dynamic={dynamic}}}")
+        elif r.weight_bits:
+            parts.append(self._weight_pass(calibrated))
+        if r.lorc:
+            if len(parts) == 2:
+                raise TargetError(
+                    f"target '{self.text}': lorc corrects quantized weights; add w4 or w3"
+                )
+            parts.append("lowrank-compensation")
         return Pipeline.parse(",".join(parts))
+
+    def _weight_pass(self, calibrated: bool) -> str:
+        r = self.recipe
+        algorithm = r.algorithm or ("gptq" if calibrated else "rtn")
+        if r.average_bits:
+            return self._mixed_precision(algorithm)
+        group, symmetric = r.effective_group_size(), r.effective_symmetric()
+        sym = "true" if symmetric else "false"
+        if algorithm == "codebook":
+            if r.group_size is not None or r.symmetric is not None:
+                raise TargetError(
+                    f"target '{self.text}': codebook weights have no groups or symmetry; drop the "
+                    "g<N>/pc/sym/asym token"
+                )
+            return f"codebook{{bits={r.weight_bits}}}"
+        if algorithm == "spqr":
+            group = r.group_size if r.group_size is not None else 16
+            return f"outlier-split{{kind=weight,bits={r.weight_bits},group-size={group},symmetric={sym}}}"
+        pass_name = "quantize-weights" if algorithm == "rtn" else algorithm
+        if pass_name not in all_passes():
+            raise TargetError(f"target '{self.text}': no pass for the '{algorithm}' algorithm")
+        return f"{pass_name}{{bits={r.weight_bits},group-size={group},symmetric={sym}}}"
+
+    def _mixed_precision(self, algorithm: str) -> str:
+        """``w4.5``: 4 or 8 bits per layer (``w3.5``: 3 or 8), quantized with GPTQ (or RTN)."""
+        r = self.recipe
+        if algorithm not in ("gptq", "rtn"):
+            raise TargetError(
+                f"target '{self.text}': mixed precision quantizes with gptq or rtn, not {algorithm}"
+            )
+        symmetric = "true" if r.symmetric else "false"
+        group = r.group_size if r.group_size is not None else 128
+        narrow = max(b for b in (2, 3, 4) if b <= r.average_bits)
+        widths = "" if narrow == 4 else f"candidates=[{narrow},8],"
+        return (
+            f"mixed-precision{{average-bits={r.average_bits},{widths}group-size={group},"
+            f"symmetric={symmetric},method={algorithm}}}"
+        )

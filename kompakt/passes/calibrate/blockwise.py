@@ -152,6 +152,11 @@ class BlockwiseRunner:
             stat.finish(self._label(key, nodes))
         return stats
 
+    def forget(self, value: ir.Value) -> None:
+        """Drops ``value``'s cached constant: a pass that has just replaced a weight calls it, so
+        the float weight is freed now rather than when the stage ends."""
+        self._constants.pop(id(value), None)
+
     def _between_stage(self, stage: Stage) -> list[ir.Node]:
         """The stage's nodes now (the pass may have inserted some since it was yielded)."""
         if not stage.nodes:

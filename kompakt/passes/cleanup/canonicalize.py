@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import TopologicalSortPass
 
@@ -45,4 +46,19 @@ class Canonicalize(Pass):
                 total.stats[f"{step.name}.{key}"] = value
             total.notes += result.notes
         TopologicalSortPass()(model)
+        total.stats["contiguous_weights"] = _make_weights_contiguous(model.graph)
         return total
+
+
+def _make_weights_contiguous(graph: ir.Graph) -> int:
+    """Stores transposed-view initializers (a folded Transpose of a Linear weight is a strided
+    numpy view) as contiguous arrays, once. Otherwise every read as a torch tensor copies the
+    whole weight again: a layer's worth of memory at each calibration stage and in each pass."""
+    changed = 0
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        raw = getattr(tensor, "raw", None)
+        if isinstance(raw, np.ndarray) and not raw.flags["C_CONTIGUOUS"]:
+            value.const_value = ir.Tensor(np.ascontiguousarray(raw), name=tensor.name)
+            changed += 1
+    return changed

@@ -14,6 +14,9 @@ from kompakt.passes.registry import register_pass
 # Ops whose constant inputs are the compressed form of a weight: folding them would write the
 # decompressed float weight back into the model and undo the compression.
 KEEP_UNFOLDED = frozenset({"DequantizeLinear", "QuantizeLinear", "MatMulNBits"})
+# Metadata key marking any other node that decompresses a weight (a codebook lookup and the Casts
+# around it): the same reason, for ops that are not quantization ops by type.
+KEEP_UNFOLDED_KEY = "kompakt.keep_unfolded"
 
 
 @register_pass
@@ -21,7 +24,7 @@ KEEP_UNFOLDED = frozenset({"DequantizeLinear", "QuantizeLinear", "MatMulNBits"})
 class FoldConstants(Pass):
     """Fold nodes whose inputs are all constants into constants (onnxscript's folder).
 
-    Dequantization of compressed weights is never folded (see KEEP_UNFOLDED).
+    Dequantization of compressed weights is never folded (see KEEP_UNFOLDED, KEEP_UNFOLDED_KEY).
 
     Before: s = Shape(W_const); y = Reshape(x, Concat(s, [-1]))
     After:  y = Reshape(x, [4096, -1])
@@ -46,6 +49,6 @@ class FoldConstants(Pass):
 
 
 def _should_fold(node: ir.Node) -> bool | None:
-    if node.op_type in KEEP_UNFOLDED:
+    if node.op_type in KEEP_UNFOLDED or KEEP_UNFOLDED_KEY in node.metadata_props:
         return False
     return None

@@ -110,9 +110,32 @@ def _why_not(dq: ir.Node) -> str | None:
     activations = [u.node.inputs[0] for u in uses]
     if any(a is None or (a.dtype is not None and a.dtype != scale.dtype) for a in activations):
         return "activation dtype differs from the scale dtype"
-    block = dq.attributes.get("block_size")
+    if any(_statically_quantized(a) for a in activations):
+        # Static Q/DQ on the activation too (W8A8): ORT runs the pair as its int8 GEMM
+        # (MatMulIntegerToFloat); MatMulNBits would compute in float from fake-quantized inputs.
+        # Per-token (dynamic) scales are computed in the graph, which ORT does not fuse: those
+        # keep MatMulNBits.
+        return "the activation is quantized too (left to ONNX Runtime's integer GEMM)"
+    return _layout_problem(dq, axis_of(dq), scale)
+
+
+def _statically_quantized(activation: ir.Value) -> bool:
+    producer = activation.producer()
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and producer.inputs[1] is not None
+        and producer.inputs[1].const_value is not None
+    )
+
+
+def axis_of(dq: ir.Node) -> int:
     axis = dq.attributes.get("axis")
-    axis = 1 if axis is None else axis.value
+    return 1 if axis is None else axis.value
+
+
+def _layout_problem(dq: ir.Node, axis: int, scale: ir.Value) -> str | None:
+    block = dq.attributes.get("block_size")
     if block is not None and block.value:
         size = block.value
         if axis != 0 or size < 16 or size & (size - 1):

@@ -44,6 +44,7 @@ class Awq(Pass):
         clip_tokens: Tokens the clipping search uses (evenly spaced; 512 in the paper).
         exclude: Module-path globs (or weight names) to leave in float.
         keep_lm_head: Leave the output projection (lm_head) in float.
+        only: Module-path globs: quantize only these weights (per-layer overrides); empty = all.
     """
 
     name: ClassVar[str] = "awq"
@@ -59,6 +60,7 @@ class Awq(Pass):
     clip_tokens: int = 512
     exclude: tuple[str, ...] = ()
     keep_lm_head: bool = True
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         Grid(self.bits, self.group_size, self.symmetric)
@@ -68,7 +70,7 @@ class Awq(Pass):
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         grid = Grid(self.bits, self.group_size, self.symmetric)
         feeds = calibration_feeds(model, ctx.calibration, self.name)
-        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head)
+        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head, self.only)
         result = PassResult(changed=bool(sites))
         pending = {id(site.matmuls[0]): site for site in sites}
         folds: dict[str, int] = {}

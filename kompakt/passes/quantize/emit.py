@@ -22,6 +22,20 @@ QUANT_KEY = "kompakt.quant"
 """DequantizeLinear metadata: JSON with bits, group_size, symmetric, method (what the int4
 container alone does not say, e.g. that it holds 3-bit values)."""
 
+KEEP_FLOAT_WEIGHTS = "kompakt.keep_float_weights"
+"""In-memory graph flag (``graph.meta``, never serialized), set by the keep-float-weights pass:
+while set, every weight DequantizeLinear remembers the float weight it replaced, for passes that
+need the rounding error W - Ŵ later (lowrank-compensation)."""
+
+FLOAT_WEIGHT = "kompakt.float_weight"
+"""In-memory DequantizeLinear metadata (``node.meta``): the float weight it replaced."""
+
+
+def remember_float_weight(graph: ir.Graph, node: ir.Node, weight: ir.TensorProtocol) -> None:
+    """Keeps ``weight`` on the DequantizeLinear ``node`` if the graph asks for float weights."""
+    if graph.meta.get(KEEP_FLOAT_WEIGHTS):
+        node.meta[FLOAT_WEIGHT] = weight
+
 
 def replace_with_dequantized(
     graph: ir.Graph, site: WeightSite, qw: QuantizedWeight, method: str
@@ -57,6 +71,7 @@ def replace_with_dequantized(
         },
         sort_keys=True,
     )
+    remember_float_weight(graph, node, site.weight.const_value)
     out = node.outputs[0]
     out.name = f"{base}_dequantized"
     out.type = site.weight.type
@@ -66,6 +81,9 @@ def replace_with_dequantized(
         matmul.replace_input_with(1, out)
     if not site.weight.uses() and site.weight.name in graph.initializers:
         graph.initializers.pop(site.weight.name)
+        # The site object may outlive this call (a pass's list of sites); the float weight must
+        # not: freeing it as each weight is quantized keeps a pass's memory per layer.
+        site.weight.const_value = None
     return node
 
 

@@ -13,9 +13,9 @@ from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.calibrate.batches import calibration_feeds
 from kompakt.passes.calibrate.blockwise import BlockwiseRunner
 from kompakt.passes.quantize.emit import replace_with_dequantized
-from kompakt.passes.quantize.gptq_math import gptq_quantize, hessian_energy, hessian_error
-from kompakt.passes.quantize.grid import Grid, quantize_rtn
-from kompakt.passes.quantize.layers import select_weights
+from kompakt.passes.quantize.gptq_math import gptq_quantize, hessian_energy, rtn_hessian_error
+from kompakt.passes.quantize.grid import Grid
+from kompakt.passes.quantize.layers import WeightSite, select_weights
 from kompakt.passes.quantize.quantize_weights import quantized_bytes
 from kompakt.passes.registry import register_pass
 from kompakt.progress import progress
@@ -44,6 +44,7 @@ class Gptq(Pass):
         damp: Diagonal damping, as a fraction of the mean of diag(H).
         exclude: Module-path globs (or weight names) to leave in float.
         keep_lm_head: Leave the output projection (lm_head) in float.
+        only: Module-path globs: quantize only these weights (per-layer overrides); empty = all.
     """
 
     name: ClassVar[str] = "gptq"
@@ -59,6 +60,7 @@ class Gptq(Pass):
     damp: float = 0.01
     exclude: tuple[str, ...] = ()
     keep_lm_head: bool = True
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         Grid(self.bits, self.group_size, self.symmetric)
@@ -69,10 +71,24 @@ class Gptq(Pass):
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         grid = Grid(self.bits, self.group_size, self.symmetric)
-        feeds = calibration_feeds(model, ctx.calibration, self.name)
-        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head)
+        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head, self.only)
         result = PassResult(changed=bool(sites))
-        pending = {id(site.matmuls[0]): site for site in sites}
+        result.records, result.stats = self.quantize_blockwise(
+            model, ctx, {id(site.matmuls[0]): (site, grid) for site in sites}
+        )
+        result.notes += [f"{s.label}: kept in float ({s.reason})" for s in skipped]
+        result.stats["kept"] = len(skipped)
+        return result
+
+    def quantize_blockwise(
+        self, model: ir.Model, ctx: CompileContext, plan: dict[int, tuple[WeightSite, Grid]]
+    ) -> tuple[list[dict], dict]:
+        """GPTQ for each site in ``plan`` (keyed by id of its first MatMul) with its own grid,
+        block by block on the calibration data. Returns per-weight records and totals; also used
+        by mixed-precision, which chooses a grid per weight."""
+        feeds = calibration_feeds(model, ctx.calibration, self.name)
+        pending = dict(plan)
+        records = []
         runner = BlockwiseRunner(model, feeds)
         for stage in progress(
             runner.stages(), self.name, enabled=ctx.progress, total=runner.num_stages()
@@ -80,32 +96,31 @@ class Gptq(Pass):
             here = [pending.pop(id(n)) for n in stage.nodes if id(n) in pending]
             if not here:
                 continue
-            stats = stage.collect({id(site.matmuls[0].inputs[0]): {"hessian"} for site in here})
+            stats = stage.collect({id(site.matmuls[0].inputs[0]): {"hessian"} for site, _ in here})
             # Smallest inputs first, each Hessian dropped after its last site: the largest
             # (down_proj's, K = intermediate size) is then alone in memory while it is solved.
-            here.sort(key=lambda site: to_torch(site.weight.const_value).shape[0])
-            for index, site in enumerate(here):
+            here.sort(key=lambda entry: to_torch(entry[0].weight.const_value).shape[0])
+            for index, (site, grid) in enumerate(here):
                 key = id(site.matmuls[0].inputs[0])
-                last_use = all(id(other.matmuls[0].inputs[0]) != key for other in here[index + 1 :])
+                last_use = all(
+                    id(other.matmuls[0].inputs[0]) != key for other, _ in here[index + 1 :]
+                )
                 hessian = stats.pop(key).hessian if last_use else stats[key].hessian
-                result.records.append(self._quantize(model.graph, site, hessian, grid, last_use))
+                runner.forget(site.weight)
+                records.append(self._quantize(model.graph, site, hessian, grid, last_use))
                 del hessian
-        result.notes += [f"{s.label}: kept in float ({s.reason})" for s in skipped]
-        result.stats.update(
-            {
-                "quantized": len(sites),
-                "kept": len(skipped),
-                "calibration_batches": len(feeds),
-                "calibration_tokens": sum(next(iter(f.values())).numel() for f in feeds),
-            }
-        )
-        return result
+        totals = {
+            "quantized": len(plan),
+            "calibration_batches": len(feeds),
+            "calibration_tokens": sum(next(iter(f.values())).numel() for f in feeds),
+        }
+        return records, totals
 
     def _quantize(self, graph: ir.Graph, site, hessian, grid: Grid, owned: bool) -> dict:
         weight = to_torch(site.weight.const_value)
         # Both error measures need the intact H, which the solver may then reuse as scratch.
         signal = hessian_energy(weight, hessian) or 1.0
-        rtn_error = hessian_error(weight, quantize_rtn(weight, grid).dequantize(), hessian)
+        rtn_error = rtn_hessian_error(weight, grid, hessian)
         try:
             qw, loss = gptq_quantize(
                 weight,

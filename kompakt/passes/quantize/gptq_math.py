@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kompakt.passes.quantize.grid import Grid, QuantizedWeight, scales_for
+from kompakt.passes.quantize.grid import Grid, QuantizedWeight, quantize_rtn, scales_for
 
 DAMP_STEPS = (1.0, 10.0, 100.0)  # multipliers of `damp` tried if Cholesky fails
 
@@ -94,7 +94,7 @@ def gptq_quantize(
             loss += float(error.pow(2).sum())
             block[i:] -= error[None, :] * hinv_block[i, i:, None]
             errors[i] = error
-        weight[end:] -= hinv[start:end, end:].T @ errors
+        weight[end:].addmm_(hinv[start:end, end:].T, errors, alpha=-1)  # no [K, N] temporary
 
     codes = codes[torch.argsort(order)]
     zero_point = None if zero is None else zero.round().clamp(0, grid.qmax).to(storage)
@@ -141,6 +141,17 @@ def hessian_error(w: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) 
     signal, noise = hessian_energy(w, hessian), 0.0
     for cols in _column_chunks(w.shape[1]):
         delta = w[:, cols].float() - approx[:, cols].float()
+        noise += float(((hessian @ delta) * delta).sum())
+    return noise / signal if signal > 0 else 0.0
+
+
+def rtn_hessian_error(w: torch.Tensor, grid: Grid, hessian: torch.Tensor) -> float:
+    """`hessian_error` of round-to-nearest, a chunk of output columns at a time (rounding one
+    column does not depend on the others), so no full-size temporaries stand next to H."""
+    signal, noise = hessian_energy(w, hessian), 0.0
+    for cols in _column_chunks(w.shape[1]):
+        part = w[:, cols].float()
+        delta = part - quantize_rtn(part, grid).dequantize().float()
         noise += float(((hessian @ delta) * delta).sum())
     return noise / signal if signal > 0 else 0.0
 

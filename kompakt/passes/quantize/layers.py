@@ -74,11 +74,20 @@ def weight_sites(graph: ir.Graph) -> list[WeightSite]:
 
 
 def select_weights(
-    graph: ir.Graph, exclude: Sequence[str] = (), keep_lm_head: bool = True
+    graph: ir.Graph,
+    exclude: Sequence[str] = (),
+    keep_lm_head: bool = True,
+    only: Sequence[str] = (),
 ) -> tuple[list[WeightSite], list[Skipped]]:
-    """Sites a pass may compress, and the ones it must leave (with the reason)."""
+    """Sites a pass may compress, and the ones it must leave (with the reason).
+
+    ``only``, when given, limits the pass to sites matching one of its globs (per-layer
+    overrides); the others are left silently, as they belong to another pass.
+    """
     chosen, skipped = [], []
     for site in weight_sites(graph):
+        if only and not matches(site, only):
+            continue
         if exclude and matches(site, exclude):
             skipped.append(Skipped(site.label, "excluded by pattern"))
         elif keep_lm_head and is_lm_head(site):

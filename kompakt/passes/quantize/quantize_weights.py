@@ -37,6 +37,7 @@ class QuantizeWeights(Pass):
             accurate at 4 bits and below.
         exclude: Module-path globs (or weight names) to leave in float, e.g. [*.down_proj].
         keep_lm_head: Leave the output projection (lm_head) in float.
+        only: Module-path globs: quantize only these weights (per-layer overrides); empty = all.
     """
 
     name: ClassVar[str] = "quantize-weights"
@@ -48,6 +49,7 @@ class QuantizeWeights(Pass):
     symmetric: bool = False
     exclude: tuple[str, ...] = ()
     keep_lm_head: bool = True
+    only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.grid()  # validates bits and group size at construction, i.e. at parse time
@@ -57,7 +59,7 @@ class QuantizeWeights(Pass):
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         grid = self.grid()
-        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head)
+        sites, skipped = select_weights(model.graph, self.exclude, self.keep_lm_head, self.only)
         result = PassResult(changed=bool(sites))
         before = after = 0.0
         for site in progress(sites, "quantize-weights", enabled=ctx.progress):
