@@ -130,6 +130,8 @@ def test_w8a8_with_smoothing_is_nearly_lossless(tiny_lm_results, minilm_results)
 
 
 def test_mixed_precision_at_4_5_bits_beats_uniform_w4(tiny_lm_results, minilm_results):
+    # On the tiny LM the margin is small and depends on the windows: 3.3932 vs 3.3963 on these
+    # 48, but 3.2885 vs 3.2875 on the first 100 (benchmarks/RESULTS.md). MiniLM's is clear.
     assert tiny_lm_results["mixed-4.5"] < tiny_lm_results["gptq"]
     assert minilm_results["mixed-4.5"] < minilm_results["gptq"]
 
