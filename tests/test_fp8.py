@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import OTHER_SHAPE, tokens
-from onnx import TensorProto, helper, numpy_helper
+from tiny_models import linear_model
 
 import kompakt
 import kompakt.passes.quantize.fp8  # noqa: F401  (registers the pass)
@@ -14,20 +14,6 @@ from kompakt import KompaktError
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.quantize.fp8 import Fp8
 from kompakt.passes.quantize.fp8_math import fake_quantize, to_e4m3, weight_scale
-
-
-def linear_model(weight: torch.Tensor) -> ir.Model:
-    k, n = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="/fc/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-        [numpy_helper.from_array(weight.numpy(), "fc.weight")],
-    )
-    from kompakt.lowering import load_onnx
-
-    return load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
 def compile_ir(model, pipeline: str, calibration=None):

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import OTHER_SHAPE, tokens
-from onnx import TensorProto, helper, numpy_helper
+from tiny_models import linear_model
 
 import kompakt
 import kompakt.passes.quantize.lowrank_compensation  # noqa: F401  (registers the passes)
@@ -20,21 +20,6 @@ from kompakt.passes.quantize.lowrank_compensation import LowrankCompensation
 from kompakt.passes.quantize.lowrank_math import lowrank_factors, quantize_factor, resolve_rank
 
 RTN3 = "quantize-weights{bits=3,group-size=32}"
-
-
-def linear_model(weight: torch.Tensor) -> ir.Model:
-    """x [m, K] -> MatMul(fc.weight) -> y; the node carries a module path like torch's."""
-    k, n = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="/fc/MatMul")],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
-        [numpy_helper.from_array(weight.numpy(), "fc.weight")],
-    )
-    from kompakt.lowering import load_onnx
-
-    return load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
 def compile_ir(model, pipeline: str, calibration=None):

@@ -6,8 +6,10 @@ quantization has real groups (group 16/32) as well as the default 128 falling ba
 
 from __future__ import annotations
 
+import onnx_ir as ir
 import torch
 import transformers as hf
+from onnx import TensorProto, helper, numpy_helper
 
 VOCAB = 96
 
@@ -88,3 +90,18 @@ def reference_output(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         if isinstance(model, hf.BertModel):
             return model(input_ids=ids).last_hidden_state
         return model(input_ids=ids, use_cache=False).logits
+
+
+def linear_model(weight: torch.Tensor) -> ir.Model:
+    """One Linear layer as an ONNX model: x [m, K] -> MatMul(fc.weight) -> y; the node carries a module path like torch's."""
+    k, n = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "fc.weight"], ["y"], name="/fc/MatMul")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(weight.numpy(), "fc.weight")],
+    )
+    from kompakt.lowering import load_onnx
+
+    return load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))

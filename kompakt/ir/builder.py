@@ -62,3 +62,9 @@ def make_model(
         inputs, outputs, nodes=nodes, initializers=initializers, opset_imports={"": opset}
     )
     return ir.Model(graph, ir_version=IR_VERSION, producer_name="kompakt")
+
+
+def first_in_graph(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
+    """The one of ``nodes`` that comes first in ``graph``'s order (where to insert before)."""
+    wanted = {id(n) for n in nodes}
+    return next(n for n in graph if id(n) in wanted)

@@ -13,7 +13,7 @@ import json
 
 import onnx_ir as ir
 
-from kompakt.ir.builder import constant
+from kompakt.ir.builder import constant, first_in_graph
 from kompakt.ir.metadata import set_module
 from kompakt.passes.quantize.grid import QuantizedWeight
 from kompakt.passes.quantize.layers import WeightSite
@@ -76,7 +76,7 @@ def replace_with_dequantized(
     out.name = f"{base}_dequantized"
     out.type = site.weight.type
     out.shape = site.weight.shape
-    graph.insert_before(_first_in_graph(graph, site.matmuls), node)
+    graph.insert_before(first_in_graph(graph, site.matmuls), node)
     for matmul in site.matmuls:
         matmul.replace_input_with(1, out)
     if not site.weight.uses() and site.weight.name in graph.initializers:
@@ -85,8 +85,3 @@ def replace_with_dequantized(
         # not: freeing it as each weight is quantized keeps a pass's memory per layer.
         site.weight.const_value = None
     return node
-
-
-def _first_in_graph(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    wanted = {id(n) for n in nodes}
-    return next(n for n in graph if id(n) in wanted)

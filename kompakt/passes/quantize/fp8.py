@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 
 from kompakt.errors import KompaktError
-from kompakt.ir.builder import constant
+from kompakt.ir.builder import constant, first_in_graph
 from kompakt.ir.metadata import copy_module, module_of, set_module
 from kompakt.ir.tensors import storage_bytes, to_torch, torch_dtype
 from kompakt.passes.base import CompileContext, Pass, PassResult
@@ -188,7 +188,7 @@ class Fp8(Pass):
         out = dq.outputs[0]
         out.name = f"{base}_dequantized"
         out.type, out.shape = site.weight.type, site.weight.shape
-        graph.insert_before(_first(graph, site.matmuls), dq)
+        graph.insert_before(first_in_graph(graph, site.matmuls), dq)
         for matmul in site.matmuls:
             matmul.replace_input_with(1, out)
         if not site.weight.uses() and site.weight.name in graph.initializers:
@@ -290,13 +290,8 @@ def _wire(graph, x: ir.Value, matmuls, nodes: list[ir.Node], granularity: str) -
         {"format": "float8e4m3fn", "granularity": granularity}, sort_keys=True
     )
     copy_module(matmuls[0], *nodes)
-    first = _first(graph, matmuls)
+    first = first_in_graph(graph, matmuls)
     for node in nodes:
         graph.insert_before(first, node)
     for matmul in matmuls:
         matmul.replace_input_with(0, dequantize.outputs[0])
-
-
-def _first(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    wanted = {id(n) for n in nodes}
-    return next(n for n in graph if id(n) in wanted)

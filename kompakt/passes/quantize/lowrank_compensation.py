@@ -17,7 +17,7 @@ import onnx_ir as ir
 import torch
 
 from kompakt.errors import KompaktError
-from kompakt.ir.builder import constant, unique_name
+from kompakt.ir.builder import constant, first_in_graph, unique_name
 from kompakt.ir.metadata import copy_module, module_of
 from kompakt.ir.tensors import storage_bytes, to_torch, torch_dtype
 from kompakt.passes.base import CompileContext, Pass, PassResult
@@ -202,7 +202,7 @@ class LowrankCompensation(Pass):
 
     def _factor(self, graph, target: _Target, factor: torch.Tensor, which: str, dtype):
         """The IR value holding ``factor`` as stored, what it computes to, and its bytes."""
-        first = _first_in_graph(graph, target.matmuls)
+        first = first_in_graph(graph, target.matmuls)
         base = f"{target.dq.outputs[0].name or 'weight'}_lorc_{which}"
         if self.factor_bits == 8:
             qf = quantize_factor(factor)
@@ -298,11 +298,6 @@ def _add_correction(graph, matmul: ir.Node, a: ir.Value, b: ir.Value, rank: int)
                 graph.outputs[index] = total
     else:
         total.name = unique_name(graph, f"{base}_compensated")
-
-
-def _first_in_graph(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    wanted = {id(n) for n in nodes}
-    return next(n for n in graph if id(n) in wanted)
 
 
 def _forget_float_weights(graph: ir.Graph) -> None:

@@ -161,13 +161,11 @@ class MixedPrecision(Pass):
         result.notes += [f"{s.label}: kept in float ({s.reason})" for s in skipped]
         return result
 
-    def _hessian_losses(
-        self, model: ir.Model, ctx: CompileContext, sites: list[WeightSite]
-    ) -> list[dict[int, float]]:
-        """tr(ΔᵀHΔ) per site and width, measured block by block on the float model."""
+    def _stages_with_sites(self, model: ir.Model, ctx: CompileContext, sites: list[WeightSite]):
+        """Yields (stage, indices of ``sites`` in it) for the stages holding any, on the
+        float model, block by block."""
         feeds = calibration_feeds(model, ctx.calibration, self.name)
         pending = {id(site.matmuls[0]): i for i, site in enumerate(sites)}
-        losses: list[dict[int, float]] = [{} for _ in sites]
         runner = BlockwiseRunner(model, feeds)
         for stage in progress(
             runner.stages(),
@@ -176,8 +174,15 @@ class MixedPrecision(Pass):
             total=runner.num_stages(),
         ):
             here = [pending.pop(id(n)) for n in stage.nodes if id(n) in pending]
-            if not here:
-                continue
+            if here:
+                yield stage, here
+
+    def _hessian_losses(
+        self, model: ir.Model, ctx: CompileContext, sites: list[WeightSite]
+    ) -> list[dict[int, float]]:
+        """tr(ΔᵀHΔ) per site and width, measured block by block on the float model."""
+        losses: list[dict[int, float]] = [{} for _ in sites]
+        for stage, here in self._stages_with_sites(model, ctx, sites):
             stats = stage.collect({id(sites[i].matmuls[0].inputs[0]): {"hessian"} for i in here})
             for i in here:
                 hessian = stats[id(sites[i].matmuls[0].inputs[0])].hessian
@@ -192,19 +197,9 @@ class MixedPrecision(Pass):
         self, model: ir.Model, ctx: CompileContext, sites: list[WeightSite]
     ) -> list[dict[int, float]]:
         """Error of each block's outputs with one of its weights quantized, per site and width."""
-        feeds = calibration_feeds(model, ctx.calibration, self.name)
-        pending = {id(site.matmuls[0]): i for i, site in enumerate(sites)}
         losses: list[dict[int, float]] = [{} for _ in sites]
-        runner = BlockwiseRunner(model, feeds)
-        for stage in progress(
-            runner.stages(),
-            f"{self.name} (sensitivity)",
-            enabled=ctx.progress,
-            total=runner.num_stages(),
-        ):
-            here = [pending.pop(id(n)) for n in stage.nodes if id(n) in pending]
-            if not here:
-                continue
+        for stage, here in self._stages_with_sites(model, ctx, sites):
+            runner = stage.runner
             outputs = _stage_outputs(model.graph, stage.nodes)
             reference = []
             for env in runner.envs:

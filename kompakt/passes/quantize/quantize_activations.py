@@ -20,7 +20,7 @@ import onnx_ir as ir
 import torch
 
 from kompakt.errors import KompaktError
-from kompakt.ir.builder import constant, unique_name
+from kompakt.ir.builder import constant, first_in_graph, unique_name
 from kompakt.ir.metadata import copy_module, module_of
 from kompakt.ir.tensors import storage_bytes, to_torch, torch_dtype
 from kompakt.passes.base import CompileContext, Pass, PassResult
@@ -209,7 +209,7 @@ def insert_static_qdq(graph: ir.Graph, site: ActivationSite, scale: float) -> No
     x = site.input
     dtype = x.dtype if x.dtype is not None else ir.DataType.FLOAT
     base = x.name or "activation"
-    first = _first(graph, site.matmuls)
+    first = first_in_graph(graph, site.matmuls)
     for matmul in site.matmuls:
         label = module_of(matmul) or matmul.name
         s = constant(graph, torch.tensor(scale, dtype=torch_dtype(dtype)), f"{base}_act_scale")
@@ -256,7 +256,7 @@ def insert_dynamic_qdq(graph: ir.Graph, site: ActivationSite) -> None:
     scale.outputs[0].name = f"{base}_act_scale"
     scale.outputs[0].type, scale.outputs[0].shape = x.type, token_shape
     nodes = [absolute, top, ratio, scale, quantize, dequantize]
-    _wire(graph, x, _first(graph, site.matmuls), nodes, site.matmuls, "per-token dynamic")
+    _wire(graph, x, first_in_graph(graph, site.matmuls), nodes, site.matmuls, "per-token dynamic")
 
 
 def _wire(
@@ -290,11 +290,6 @@ def _wire(
         graph.insert_before(before, node)
     for matmul in matmuls:
         matmul.replace_input_with(0, dequantize.outputs[0])
-
-
-def _first(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    wanted = {id(n) for n in nodes}
-    return next(n for n in graph if id(n) in wanted)
 
 
 def _records(site: ActivationSite, scheme: str, error_db: float | None) -> list[dict]:

@@ -20,7 +20,7 @@ from collections.abc import Collection
 import onnx_ir as ir
 import torch
 
-from kompakt.ir.builder import constant
+from kompakt.ir.builder import constant, first_in_graph
 from kompakt.ir.metadata import copy_module
 from kompakt.ir.tensors import from_torch, to_torch, torch_dtype
 
@@ -44,17 +44,12 @@ def divide_input(
     copy_module(consumers[0], mul)
     mul.outputs[0].name = f"{x.name}_scaled"
     mul.outputs[0].type, mul.outputs[0].shape = x.type, x.shape
-    graph.insert_before(_first(graph, consumers), mul)
+    graph.insert_before(first_in_graph(graph, consumers), mul)
     for node in consumers:
         for index, value in enumerate(node.inputs):
             if value is x:
                 node.replace_input_with(index, mul.outputs[0])
     return "explicit Mul"
-
-
-def _first(graph: ir.Graph, nodes: list[ir.Node]) -> ir.Node:
-    wanted = {id(n) for n in nodes}
-    return next(n for n in graph if id(n) in wanted)
 
 
 def _fold(graph: ir.Graph, producer: ir.Node | None, inverse: torch.Tensor, allowed) -> str | None:
