@@ -7,10 +7,17 @@ import warnings
 
 os.environ.setdefault("KOMPAKT_VERIFY", "1")  # verify the IR after every pass in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter. It is chosen when a
+# kernel is decorated, so before any kompakt.codegen module is imported; ahead-of-time compiles for
+# sm_80/sm_90 then happen in a subprocess without it (kompakt.codegen.aot).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 EXAMPLE_SHAPE = (2, 8)  # (batch, sequence) the tiny models are captured with
 OTHER_SHAPE = (3, 5)  # a different shape every dynamic test also runs

@@ -1,0 +1,143 @@
+"""Triton kernel and launcher of the rotary family (rotary position embedding, HF convention).
+
+A program owns ``BLOCK_S`` positions of one batch row and ``HEADS`` heads. It loads both halves of
+its cos/sin tile once (the halves are equal in Hugging Face's tables, but loading both keeps the
+kernel exact to the formula for any table) and rotates each head in turn:
+
+    out1 = x1 * cos1 - x2 * sin1        (first half of the rotary features)
+    out2 = x2 * cos2 + x1 * sin2        (second half)
+
+Features past the rotary dim are copied. x may have any batch, head and position strides (e.g.
+a transposed [B, S, H, D] projection; a non-unit feature stride is copied away); out is a
+contiguous [B, H, S, D].
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kompakt.codegen.rotary.reference import as_batch_seq_dim
+from kompakt.codegen.rotary.spec import Config, choose_config, constants
+from kompakt.errors import CodegenError
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def rotary_kernel(
+    x_ptr, cos_ptr, sin_ptr, out_ptr,
+    H, S, D, HALF, S_BLOCKS,
+    stride_xb, stride_xh, stride_xs,  # features are contiguous (unit stride) in x, cos and sin
+    stride_cb, stride_cs,  # stride_cb = 0: one table for the whole batch
+    stride_sb, stride_ss,
+    BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    HEADS: tl.constexpr, HAS_PASS: tl.constexpr,
+):  # fmt: skip
+    # Batch and position blocks share grid axis 0 (axis 1 and 2 stop at 65535 programs).
+    pid = tl.program_id(0)
+    b = (pid // S_BLOCKS).to(tl.int64)  # int64: b * stride_xb passes 2^31 on large batches
+    s = (pid % S_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)
+    j = tl.arange(0, BLOCK_HALF)
+    mask = (s < S)[:, None] & (j < HALF)[None, :]
+    c_off = b * stride_cb + s[:, None] * stride_cs
+    s_off = b * stride_sb + s[:, None] * stride_ss
+    cos1 = tl.load(cos_ptr + c_off + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + c_off + (j + HALF)[None, :], mask=mask, other=0.0)
+    sin1 = tl.load(sin_ptr + s_off + j[None, :], mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + s_off + (j + HALF)[None, :], mask=mask, other=0.0)
+    cos2 = cos2.to(tl.float32)
+    sin2 = sin2.to(tl.float32)
+    if HAS_PASS:
+        p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pass_mask = (s < S)[:, None] & (p < D)[None, :]
+    # Pointers to this program's first head, stepped one head per iteration.
+    h_start = tl.program_id(1) * HEADS
+    x_row = x_ptr + b * stride_xb + h_start.to(tl.int64) * stride_xh
+    x_row += s.to(tl.int64)[:, None] * stride_xs  # S x a [B, S, H, D] row stride can pass 2^31
+    o_row = out_ptr + ((b * H + h_start) * S + s[:, None]) * D
+    for _ in range(h_start, tl.minimum(h_start + HEADS, H)):  # the last group may be short
+        x1 = tl.load(x_row + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_row + (j + HALF)[None, :], mask=mask, other=0.0)
+        x2 = x2.to(tl.float32)
+        out1 = x1 * cos1 - x2 * sin1
+        out2 = x2 * cos2 + x1 * sin2
+        tl.store(o_row + j[None, :], out1.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + (j + HALF)[None, :], out2.to(out_ptr.dtype.element_ty), mask=mask)
+        if HAS_PASS:
+            kept = tl.load(x_row + p[None, :], mask=pass_mask)
+            tl.store(o_row + p[None, :], kept, mask=pass_mask)
+        x_row += stride_xh
+        o_row += S * D
+
+
+def launch_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, config: Config | None = None
+) -> torch.Tensor:
+    """Rotary embedding of x [B, H, S, D] by cos/sin [B or 1, S, R] (R <= D, even; also [S, R]
+    or [B or 1, 1, S, R]). Returns a contiguous [B, H, S, D] in x's dtype."""
+    _check_tensor("x", x)
+    if x.dim() != 4:
+        raise CodegenError(f"rotary: x must be [B, H, S, D], got shape {list(x.shape)}")
+    batch, heads, seq, head_dim = x.shape
+    tables = {}
+    for name, table in (("cos", cos), ("sin", sin)):
+        _check_tensor(name, table, device=x.device)
+        t = as_batch_seq_dim(table)
+        if t.dim() != 3 or t.shape[0] not in (1, batch) or t.shape[1] != seq:
+            raise CodegenError(
+                f"rotary: {name} must be [{batch} or 1, {seq}, R] for x {list(x.shape)}, "
+                f"got {list(table.shape)}"
+            )
+        tables[name] = _unit_feature_stride(t)
+    cos3, sin3 = tables["cos"], tables["sin"]
+    if cos3.shape != sin3.shape:
+        raise CodegenError(f"rotary: cos {list(cos.shape)} and sin {list(sin.shape)} differ")
+    rotary_dim = cos3.shape[-1]
+    if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+        raise CodegenError(
+            f"rotary: rotary dim (cos/sin last dim) must be even and in [2, {head_dim}], "
+            f"got {rotary_dim}"
+        )
+    x = _unit_feature_stride(x)
+    out = torch.empty((batch, heads, seq, head_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    config = config or choose_config(batch, heads, seq, head_dim, rotary_dim)
+    s_blocks = triton.cdiv(seq, config.block_s)
+    grid = (batch * s_blocks, triton.cdiv(heads, config.heads))
+    rotary_kernel[grid](
+        x, cos3, sin3, out,
+        heads, seq, head_dim, rotary_dim // 2, s_blocks,
+        x.stride(0), x.stride(1), x.stride(2),
+        _batch_stride(cos3), cos3.stride(1),
+        _batch_stride(sin3), sin3.stride(1),
+        **constants(config, head_dim, rotary_dim),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _unit_feature_stride(t: torch.Tensor) -> torch.Tensor:
+    # Contiguous features let each thread's loads be one vector and share one base address; a
+    # per-element stride would cost an address register per element (it doubled the registers).
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _batch_stride(table: torch.Tensor) -> int:
+    return 0 if table.shape[0] == 1 else table.stride(0)
+
+
+def _check_tensor(name: str, t: torch.Tensor, device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise CodegenError(f"rotary: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES:
+        known = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+        raise CodegenError(f"rotary: {name} has dtype {t.dtype}, expected one of: {known}")
+    if device is not None and t.device != device:
+        raise CodegenError(f"rotary: {name} is on {t.device} but x is on {device}")
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise CodegenError(f"rotary: {name} is on {t.device}; the Triton kernel needs CUDA")

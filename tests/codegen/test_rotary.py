@@ -1,0 +1,173 @@
+"""The rotary family: the rotary-embedding kernel against the torch reference (Triton's
+interpreter on CPU) and Hugging Face's own function, layouts, bad inputs, the launch heuristic,
+and ahead-of-time builds for sm_80 and sm_90."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kompakt.codegen.rotary import Config, aot_variants, choose_config, cost
+from kompakt.codegen.rotary.reference import rotary_reference
+from kompakt.errors import CodegenError
+
+kernel = pytest.importorskip("kompakt.codegen.rotary.kernel")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+# 2 positions x 2 heads per program: heads = 3 or 5 leave a short last head group, S = 5 or 7 a
+# masked position row.
+SMALL = Config(block_s=2, heads=2, num_warps=1)
+
+# (batch, heads, seq, head_dim, rotary_dim, cos batch)
+SHAPES = [
+    (2, 3, 5, 16, 16, 2),  # per-batch positions
+    (1, 1, 1, 8, 8, 1),  # decode: one token, one head
+    (2, 5, 7, 20, 12, 1),  # partial rotary, half = 6 (not a power of two)
+    (1, 3, 9, 80, 32, 1),  # Phi-2's head: D = 80, R = 32
+]
+
+
+def _tables(batch, seq, rotary_dim, dtype, offset=3):
+    """Hugging Face-style cos/sin [batch, S, R] (equal halves), positions offset per batch row."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    positions = torch.arange(seq).float()[None, :] + offset * torch.arange(batch).float()[:, None]
+    freqs = positions[..., None] * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+
+
+def _x(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_reference_matches_hugging_face(rotary_dim):
+    neox = pytest.importorskip("transformers.models.gpt_neox.modeling_gpt_neox")
+    x = _x((2, 3, 5, 16), torch.float32).cpu()
+    cos, sin = (t.cpu() for t in _tables(2, 5, rotary_dim, torch.float32))
+    want, _ = neox.apply_rotary_pos_emb(x, x, cos, sin)  # rotates the first cos.shape[-1] features
+    torch.testing.assert_close(rotary_reference(x, cos, sin), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("config", [None, SMALL], ids=["default", "small"])
+def test_rotary_matches_reference(dtype, shape, config):
+    batch, heads, seq, head_dim, rotary_dim, cos_batch = shape
+    x = _x((batch, heads, seq, head_dim), dtype)
+    cos, sin = _tables(cos_batch, seq, rotary_dim, dtype)
+    got = kernel.launch_rotary(x, cos, sin, config=config)
+    assert got.dtype == dtype and got.shape == x.shape and got.is_contiguous()
+    torch.testing.assert_close(got, rotary_reference(x, cos, sin), **TOLERANCE[dtype])
+    if rotary_dim < head_dim:  # the pass-through features are copied bit for bit
+        assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
+
+
+def test_layouts():
+    cos, sin = _tables(1, 6, 16, torch.float16)
+    projected = _x((2, 6, 3, 16), torch.float16)  # [B, S, H, D] as a projection writes it
+    x = projected.transpose(1, 2)  # [B, H, S, D] view: strided, used in place
+    torch.testing.assert_close(
+        kernel.launch_rotary(x, cos, sin), rotary_reference(x, cos, sin), atol=2e-3, rtol=2e-3
+    )
+    # The same tables as [S, R] and as [B, 1, S, R] (Hugging Face after unsqueeze(1)).
+    for c, s in ((cos[0], sin[0]), (cos[:, None], sin[:, None])):
+        torch.testing.assert_close(
+            kernel.launch_rotary(x, c, s), rotary_reference(x, cos, sin), atol=2e-3, rtol=2e-3
+        )
+    wide = _x((1, 2, 6, 32), torch.float32)[..., ::2]  # feature stride 2: copied first
+    cos32, sin32 = _tables(1, 6, 16, torch.float32)
+    torch.testing.assert_close(
+        kernel.launch_rotary(wide, cos32, sin32), rotary_reference(wide, cos32, sin32)
+    )
+
+
+def test_tables_with_unequal_halves_follow_the_formula():
+    # The kernel reads both halves of cos/sin, so it is exact to the formula for any table.
+    x = _x((2, 3, 4, 8), torch.float32)
+    cos, sin = _x((2, 4, 8), torch.float32, seed=1), _x((2, 4, 8), torch.float32, seed=2)
+    torch.testing.assert_close(
+        kernel.launch_rotary(x, cos, sin, config=SMALL), rotary_reference(x, cos, sin)
+    )
+
+
+@pytest.mark.parametrize(
+    "x_shape, cos_shape, sin_shape, match",
+    [
+        ((2, 3, 16), (2, 3, 16), (2, 3, 16), r"x must be \[B, H, S, D\]"),
+        ((2, 3, 5, 16), (2, 4, 16), (2, 4, 16), r"cos must be \[2 or 1, 5, R\]"),
+        ((2, 3, 5, 16), (3, 5, 16), (3, 5, 16), r"cos must be \[2 or 1, 5, R\]"),
+        ((2, 3, 5, 16), (1, 5, 16), (1, 5, 8), "cos .* and sin .* differ"),
+        ((2, 3, 5, 16), (1, 5, 7), (1, 5, 7), "must be even"),
+        ((2, 3, 5, 16), (1, 5, 18), (1, 5, 18), r"in \[2, 16\], got 18"),
+    ],
+)
+def test_bad_shapes_name_the_argument(x_shape, cos_shape, sin_shape, match):
+    x, cos, sin = (torch.zeros(s, device=DEVICE) for s in (x_shape, cos_shape, sin_shape))
+    with pytest.raises(CodegenError, match=match):
+        kernel.launch_rotary(x, cos, sin)
+
+
+def test_bad_dtype_names_the_argument():
+    x = torch.zeros(1, 1, 2, 8, device=DEVICE)
+    with pytest.raises(CodegenError, match="sin has dtype torch.int64"):
+        kernel.launch_rotary(
+            x,
+            torch.zeros(1, 2, 8, device=DEVICE),
+            torch.zeros(1, 2, 8, dtype=torch.int64, device=DEVICE),
+        )
+
+
+def test_choose_config_regimes():
+    prefill = choose_config(1, 32, 4096, 128)
+    assert (
+        prefill.block_s == 16 and prefill.heads == 8
+    )  # 16 x 128 per head step, cos/sin shared by 8
+    decode = choose_config(64, 32, 1, 128)
+    assert decode.block_s == 1 and decode.heads < 8  # fewer heads per program: keep SMs busy
+    partial = choose_config(1, 32, 2048, 128, 32)
+    assert partial.block_s * (32 + 128) <= 2048  # the pass-through block counts in the tile
+    for config in (prefill, decode, partial):
+        assert all(v & (v - 1) == 0 for v in (config.block_s, config.heads, config.num_warps))
+
+
+def test_cost():
+    flops, moved = cost(1, 32, 4096, 128)
+    assert flops == 3 * 32 * 4096 * 128
+    assert moved == 2 * 32 * 4096 * 128 * 2 + 2 * 4096 * 128 * 2
+
+
+def test_package_does_not_import_triton():
+    code = "import sys, kompakt.codegen.rotary; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_aot_builds_without_spills(arch):
+    from kompakt.codegen.aot import compile_variants
+
+    for built in compile_variants(aot_variants(arch)):
+        print(built.summary(), built.variant.constants, f"num_warps={built.variant.num_warps}")
+        assert built.registers > 0 and ".visible .entry rotary_kernel" in built.ptx
+        assert built.spill_stores == 0 and built.spill_loads == 0
+        assert not built.uses_mma and not built.uses_wgmma
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "shape", [(2, 32, 1000, 128, 128), (64, 32, 1, 128, 128), (1, 32, 777, 80, 32)], ids=str
+)
+def test_real_sizes_on_gpu(dtype, shape):
+    batch, heads, seq, head_dim, rotary_dim = shape
+    x = _x((batch, seq, heads, head_dim), dtype).transpose(1, 2)
+    cos, sin = _tables(batch, seq, rotary_dim, dtype)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else TOLERANCE[dtype]
+    torch.testing.assert_close(
+        kernel.launch_rotary(x, cos, sin), rotary_reference(x, cos, sin), **tol
+    )
