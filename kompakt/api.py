@@ -25,6 +25,7 @@ from kompakt.report import LatencyEstimate, Report, SizeStats
 from kompakt.runtime.backends import BACKENDS
 from kompakt.runtime.compiled_model import CompiledModel
 from kompakt.runtime.profile import observed_shapes, synthetic_feeds
+from kompakt.runtime.triton_backend import triton_available
 from kompakt.targets.cost_model import CostModel
 from kompakt.targets.overrides import apply_overrides
 from kompakt.targets.target import Target
@@ -60,8 +61,8 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
         target: ``"<device>[-<recipe tokens>]"``, e.g. ``"cpu-w4"``; see `Target.parse`.
         calibration: Calibration batches for passes that need them.
         pipeline: Overrides the target's default pipeline (a pipeline string).
-        backend: ``"reference"`` or ``"onnxruntime"``; default: onnxruntime for the cpu device,
-            reference otherwise.
+        backend: ``"reference"``, ``"onnxruntime"`` or ``"triton"``; default: onnxruntime for
+            the cpu device, triton for GPU targets on a machine with a GPU, else reference.
         overrides: Per-layer recipes by module-path glob, e.g. ``{"*.down_proj": "w8",
             "lm_head": None}`` (None keeps the layers in float); see `kompakt.targets.overrides`.
         **options: See `OPTIONS`.
@@ -87,14 +88,14 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
             f"kompakt: calibration data was given, but no pass in '{pipeline}' uses it",
             stacklevel=2,
         )
-    backend = backend or ("onnxruntime" if target.device.kind == "cpu" else "reference")
+    device = options.get("device") or (
+        "cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu"
+    )
+    backend = backend or _default_backend(target, device)
     if backend not in BACKENDS:
         raise KompaktError(
             f"unknown backend '{backend}'{did_you_mean(backend, BACKENDS)}; backends: {', '.join(BACKENDS)}"
         )
-    device = options.get("device") or (
-        "cuda" if target.device.kind == "gpu" and torch.cuda.is_available() else "cpu"
-    )
 
     show = options.get("progress", True)
     status(f"capturing {_describe(model)} ...", show)
@@ -148,6 +149,15 @@ def load(
     from kompakt.runtime.artifact import load_artifact
 
     return load_artifact(directory, backend=backend, device=device)
+
+
+def _default_backend(target: Target, device: str) -> str:
+    """ONNX Runtime for CPU targets; Triton kernels on a GPU; else the reference runtime."""
+    if target.device.kind == "cpu":
+        return "onnxruntime"
+    if torch.device(device).type == "cuda" and triton_available(torch.device(device)) is None:
+        return "triton"
+    return "reference"
 
 
 def _pipeline(pipeline: str | Pipeline | None, target: Target, calibrated: bool) -> Pipeline:

@@ -83,7 +83,7 @@ def test_default_pipelines():
     )
     assert (
         str(Target.parse("a100-w8-g64").default_pipeline())
-        == "canonicalize,quantize-weights{bits=8,group-size=64,symmetric=true}"
+        == "canonicalize,quantize-weights{bits=8,group-size=64,symmetric=true},fuse-dequant-matmul"
     )
 
 
@@ -95,7 +95,7 @@ def test_recipes_without_a_pass_yet_fail_plainly(text):
 
 def test_algorithm_tokens_choose_the_pass():
     assert str(Target.parse("a100-w4-gptq").default_pipeline()) == (
-        "canonicalize,gptq{bits=4,group-size=128,symmetric=false}"
+        "canonicalize,gptq{bits=4,group-size=128,symmetric=false},fuse-dequant-matmul"
     )
     assert str(Target.parse("cpu-w3-g64-sym-awq").default_pipeline()) == (
         "canonicalize,awq{bits=3,group-size=64,symmetric=true}"

@@ -1,6 +1,9 @@
-"""Kernel generation (Triton and CUDA C), one kernel family per folder.
+"""Kernel generation: one kernel family per folder, each with a spec, kernels, a torch reference.
 
-Empty in this release: fused kernels and the GPU runtime are the next milestone (see
-docs/architecture.md, "Codegen and runtime"). Compiled models run on the reference and
-ONNX Runtime backends meanwhile.
+Families: ``dequant_matmul`` (W4A16/W8A16, GEMV/split-K/GEMM), ``int8_matmul`` (W8A8),
+``fp8_matmul`` (sm_89+), ``norm`` (RMSNorm/LayerNorm + residual), ``rotary``, ``glu``
+(SwiGLU/GeGLU), ``pointwise`` (generated kernels for elementwise chains), ``attention``
+(flash prefill and decode), ``cuda_gemv`` (W4A16 GEMV as CUDA C). ``registry`` maps fused-node
+patterns to the family that runs them; ``aot`` compiles kernels for sm_80/sm_90 without a GPU.
+Importing this package does not import Triton; only a family's ``kernel.py`` does.
 """

@@ -10,6 +10,7 @@ import onnx
 import onnx_ir as ir
 
 from kompakt.errors import KompaktError
+from kompakt.ir import fused
 
 # Domains whose ops the verifier accepts without an ONNX schema of its own.
 # com.microsoft: ONNX Runtime contrib ops (e.g. MatMulNBits); their schemas live in ORT.
@@ -83,4 +84,20 @@ def _unknown_op(node: ir.Node, opset: int | None, imports: dict[str, int]) -> st
         if not onnx.defs.has(node.op_type, max_inclusive_version=opset, domain=""):
             return f"'{node.op_type}' is not an ONNX op at opset {opset}"
         return None
+    if domain == fused.DOMAIN and node.op_type == fused.FUSED_KERNEL:
+        return _fused_problem(node)
     return f"ops of domain '{domain}' are not known to kompakt"
+
+
+def _fused_problem(node: ir.Node) -> str | None:
+    """A fused node's body must take the node's inputs and give its outputs, one for one."""
+    attr = node.attributes.get("body")
+    if attr is None or attr.type != ir.AttributeType.GRAPH:
+        return "the fused node has no 'body' subgraph"
+    body = attr.as_graph()
+    if len(body.inputs) != len(node.inputs) or len(body.outputs) != len(node.outputs):
+        return (
+            f"the body takes {len(body.inputs)} inputs and gives {len(body.outputs)} outputs, "
+            f"but the node has {len(node.inputs)} and {len(node.outputs)}"
+        )
+    return None

@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from kompakt.errors import KompaktError
 from kompakt.ir.builder import IR_VERSION
+from kompakt.ir.fused import inline_fused
 from kompakt.ir.verify import verify
 
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -47,6 +48,7 @@ def export_onnx(
             MatMul, which other runtimes read too.
     """
     path = check_writable(path)
+    model = inline_fused(model)  # fused groups go back to the standard ops they stand for
     if matmulnbits:
         from kompakt.runtime.backends import lower_for_onnxruntime
 

@@ -8,6 +8,12 @@ from kompakt.passes.cleanup import (  # noqa: F401
     infer_shapes,
     remove_dead_code,
 )
+from kompakt.passes.fuse import (  # noqa: F401
+    fuse_dequant_matmul,
+    fuse_elementwise,
+    fuse_norm,
+    merge_projections,
+)
 from kompakt.passes.lower import lower_to_matmulnbits  # noqa: F401
 from kompakt.passes.quantize import (  # noqa: F401
     awq,

@@ -5,6 +5,9 @@
     kompakt.json        target, pipeline, backend, report
 
 No pickle: loading parses JSON and ONNX and reads tensors; nothing in the folder is executed.
+Fused groups (``kompakt::FusedKernel``) are saved inlined, as the standard ops they stand for, so
+model.onnx stays standard ONNX; loading runs the pipeline's fusion passes again (they are
+deterministic and cheap), which gives back the same fused graph.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from kompakt.errors import KompaktError
+from kompakt.ir.fused import inline_fused
 from kompakt.ir.verify import VerificationError, verify
 from kompakt.report import Report
 from kompakt.targets.target import Target
@@ -33,7 +37,8 @@ def save_artifact(compiled, directory: str | os.PathLike) -> Path:
         raise KompaktError(f"cannot save to '{directory}': it is a file")
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        ir.save_safetensors(compiled.ir, directory / _GRAPH, size_threshold_bytes=1024)
+        standard = inline_fused(compiled.ir)
+        ir.save_safetensors(standard, directory / _GRAPH, size_threshold_bytes=1024)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -71,6 +76,7 @@ def load_artifact(directory: str | os.PathLike, backend: str | None = None, devi
         verify(model)
     except (OSError, VerificationError, Exception) as err:
         raise KompaktError(f"'{directory / _GRAPH}' could not be loaded: {err}") from err
+    _fuse_again(model, meta.get("pipeline", ""))
     report = Report.from_dict(meta["report"]) if meta.get("report") else None
     return CompiledModel(
         model,
@@ -80,3 +86,17 @@ def load_artifact(directory: str | os.PathLike, backend: str | None = None, devi
         device=device,
         report=report,
     )
+
+
+def _fuse_again(model: ir.Model, pipeline: str) -> None:
+    """Runs the fusion passes of ``pipeline`` (saved inlined) on the loaded model."""
+    from kompakt.passes.base import CompileContext
+    from kompakt.passes.pipeline import Pipeline
+
+    try:
+        passes = [p for p in Pipeline.parse(pipeline).passes if p.name.startswith("fuse-")]
+    except KompaktError as err:
+        raise KompaktError(f"the saved pipeline '{pipeline}' cannot be read: {err}") from err
+    ctx = CompileContext(progress=False)
+    for fusion in passes:
+        fusion.run(model, ctx)

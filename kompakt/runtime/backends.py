@@ -3,6 +3,8 @@
 - ``reference``: kompakt's own torch op table (CPU or CUDA); the semantic definition.
 - ``onnxruntime``: the IR serialized and run by an ONNX Runtime session (CPU); the default for
   ``cpu*`` targets, where ORT fuses quantized MatMuls into MatMulNBits.
+- ``triton``: fused groups as Triton kernels, other ops through torch, CUDA graphs on the GPU;
+  the default for GPU targets when a GPU is present (runtime/triton_backend.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kompakt.errors import KompaktError
 from kompakt.ir.builder import IR_VERSION
 from kompakt.runtime.plan import ExecutionPlan
 
-BACKENDS = ("reference", "onnxruntime")
+BACKENDS = ("reference", "onnxruntime", "triton")
 
 # A protobuf message cannot exceed 2 GiB; bigger models go to ORT through a file.
 _IN_MEMORY_LIMIT = 1_800_000_000
@@ -127,13 +129,18 @@ class OnnxRuntimeBackend:
 
 
 def lower_for_onnxruntime(model: ir.Model) -> ir.Model:
-    """A copy of ``model`` with quantized MatMuls as MatMulNBits (tensors are shared, not copied)."""
+    """A copy of ``model`` with fused groups inlined and quantized MatMuls as MatMulNBits.
+
+    Tensors are shared, not copied.
+    """
+    from kompakt.ir.fused import inline_fused
     from kompakt.passes.base import CompileContext
     from kompakt.passes.lower.lower_to_matmulnbits import LowerToMatMulNBits
 
-    if not any(n.op_type == "DequantizeLinear" for n in model.graph):
-        return model
-    lowered = model.clone()
+    inlined = inline_fused(model)
+    if not any(n.op_type == "DequantizeLinear" for n in inlined.graph):
+        return inlined
+    lowered = inlined.clone() if inlined is model else inlined
     LowerToMatMulNBits().run(lowered, CompileContext(progress=False))
     return lowered
 
@@ -171,4 +178,8 @@ def make_backend(name: str, model: ir.Model, device: str | torch.device = "cpu")
                 "the onnxruntime backend runs on the CPU only; use backend='reference'"
             )
         return OnnxRuntimeBackend(model)
+    if name == "triton":
+        from kompakt.runtime.triton_backend import TritonBackend
+
+        return TritonBackend(model, device)
     raise KompaktError(f"unknown backend '{name}'; backends: {', '.join(BACKENDS)}")

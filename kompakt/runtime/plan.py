@@ -37,12 +37,22 @@ class ExecutionPlan:
     """Runs an IR model's main graph with torch ops on one device.
 
     Args:
-        model: The model; its graph must be topologically sorted.
+        model: The model (or a subgraph, such as a fused node's body); topologically sorted.
         device: Where constants live and kernels run ("cpu", "cuda", ...).
+        opset_imports: The opsets of a subgraph's nodes (a model carries its own).
+        kernel_builder: Makes the kernel of each node; the reference op table by default. Other
+            backends pass their own, falling back to the reference for what they do not run.
     """
 
-    def __init__(self, model: ir.Model, device: str | torch.device = "cpu") -> None:
-        graph = model.graph
+    def __init__(
+        self,
+        model: ir.Model | ir.Graph,
+        device: str | torch.device = "cpu",
+        opset_imports: Mapping[str, int] | None = None,
+        kernel_builder: Callable[[ir.Node, int], Kernel] = build_kernel,
+    ) -> None:
+        graph = model.graph if isinstance(model, ir.Model) else model
+        imports = model.opset_imports if isinstance(model, ir.Model) else (opset_imports or {})
         self.device = torch.device(device)
         self.input_names = [v.name for v in graph.inputs]
         slots: dict[int, int] = {}
@@ -60,9 +70,9 @@ class ExecutionPlan:
         raw_steps = []
         for node in graph:
             domain = node.domain if node.domain != "ai.onnx" else ""
-            opset = node.version or model.opset_imports.get(domain, 1)
+            opset = node.version or imports.get(domain, 1)
             try:
-                kernel = build_kernel(node, opset)
+                kernel = kernel_builder(node, opset)
             except UnsupportedOpError as err:
                 problems.append(err)
                 continue

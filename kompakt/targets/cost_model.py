@@ -2,7 +2,8 @@
 
     time(node) = max(flops / peak[compute type], bytes / memory bandwidth) + launch overhead
 
-Bytes are every input read plus every output written. A DequantizeLinear of a constant weight
+Bytes are every input read plus every output written. A fused group (``kompakt::FusedKernel``)
+is one kernel: it is charged its inputs and outputs, and its body's flops. A DequantizeLinear of a constant weight
 that only feeds MatMuls is counted as part of those MatMuls (ONNX Runtime fuses the pair into
 MatMulNBits; kompakt's GPU kernels dequantize in registers), so a quantized layer is charged its
 packed weight bytes. Ops that only reinterpret a buffer (Reshape, Squeeze, ...) cost nothing.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from kompakt.ir.fused import body_of, is_fused, pattern_of
 from kompakt.ir.metadata import module_of
 from kompakt.ir.tensors import storage_bytes
 from kompakt.targets.hardware import HardwareSpec
@@ -76,7 +78,13 @@ class CostModel:
             return NodeCost(**label, flops=0.0, bytes=0.0, seconds=0.0, bound="free")
         read = sum(self._bytes_read(v, shapes, fused) for v in node.inputs if v is not None)
         written = sum(_value_bytes(v, shapes) for v in node.outputs if v.name)
-        flops, compute = self._flops(node, shapes)
+        if is_fused(node):
+            # One kernel: it reads the group's inputs and writes its outputs once; what flows
+            # between the group's nodes stays in registers. Its work is the body's.
+            label["op"] = f"FusedKernel[{pattern_of(node)}]"
+            flops, compute = self._body_flops(node, shapes)
+        else:
+            flops, compute = self._flops(node, shapes)
         compute_time = flops / self.device.peak(compute)
         memory_time = (read + written) / self.device.memory_bandwidth
         overhead = self.device.launch_overhead
@@ -96,6 +104,33 @@ class CostModel:
             # The packed weight, its scales and zero points are what the fused kernel reads.
             return sum(_value_bytes(v, shapes) for v in producer.inputs if v is not None)
         return _value_bytes(value, shapes)
+
+    def _body_flops(self, node: ir.Node, shapes: Shapes) -> tuple[float, str]:
+        """Flops of a fused node's body, its values shaped like the node's inputs and outputs.
+
+        Inner values the run never saw are taken to be the size of the node's first output
+        (true of epilogues and elementwise chains; an attention body's scores are larger).
+        """
+        body = body_of(node)
+        inner: dict[str, tuple[int, ...]] = {}
+        for outer, value in zip(node.inputs, body.inputs, strict=False):
+            if outer is not None and (shape := _shape(outer, shapes)) is not None:
+                inner[value.name] = shape
+        for outer, value in zip(node.outputs, body.outputs, strict=False):
+            if (shape := _shape(outer, shapes)) is not None:
+                inner[value.name] = shape
+        default = _shape(node.outputs[0], shapes)
+        for body_node in body:
+            for value in body_node.outputs:
+                if value.name not in inner and _shape(value, {}) is None and default:
+                    inner[value.name] = default
+        total, compute = 0.0, "fp32"
+        for body_node in body:
+            flops, kind = self._flops(body_node, inner)
+            total += flops
+            if body_node.op_type in MATMUL_OPS:
+                compute = kind
+        return total, compute
 
     def _flops(self, node: ir.Node, shapes: Shapes) -> tuple[float, str]:
         out = node.outputs[0] if node.outputs else None

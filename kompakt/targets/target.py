@@ -64,7 +64,9 @@ class Target:
           more on the embedding model, see RESULTS.md);
         - ``fp8``: E4M3 weights and activations, static per-tensor activation scales unless
           ``dynamic``;
-        - ``lorc``: a low-rank correction of the weights' quantization error after them.
+        - ``lorc``: a low-rank correction of the weights' quantization error after them;
+        - GPU devices: fusion last (``fuse-dequant-matmul`` for weight-only schemes), which the
+          triton backend runs as one kernel per fused group.
 
         Raises:
             TargetError: The recipe asks for something this build has no pass for.
@@ -107,7 +109,17 @@ class Target:
                     f"target '{self.text}': lorc corrects quantized weights; add w4 or w3"
                 )
             parts.append("lowrank-compensation")
+        parts.extend(self._fusions())
         return Pipeline.parse(",".join(parts))
+
+    def _fusions(self) -> list[str]:
+        """GPU targets run fused groups as Triton kernels (the triton backend); CPU targets run
+        on ONNX Runtime, which fuses by itself."""
+        r = self.recipe
+        if self.device.kind != "gpu":
+            return []
+        weight_only = (r.weight_bits or r.average_bits) and not (r.activation_bits or r.fp8)
+        return ["fuse-dequant-matmul"] if weight_only else []
 
     def _weight_pass(self, calibrated: bool) -> str:
         r = self.recipe

@@ -139,6 +139,7 @@ def _load_op_modules() -> None:
     _loaded = True
     from kompakt.runtime.reference import (  # noqa: F401
         ops_elementwise,
+        ops_fused,
         ops_nn,
         ops_quant,
         ops_reduce,

@@ -1,0 +1,88 @@
+"""Binds a ``dequant_matmul`` fused node to the Triton kernel: packs its weight once, at plan time.
+
+The fused node (see passes/fuse/fuse_dequant_matmul.py) names each input's role (``q``, ``scale``,
+``zero``, ``x``, ``bias``, ``residual``) and its epilogue (``act``); the DequantizeLinear in its
+body gives the grouping (``axis``, ``block_size``). Each call's kernel is what the device's
+autotune cache measured fastest for its shape bucket (`tuning.py`), else the heuristic; decided
+once per number of rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+import torch
+
+from kompakt.codegen.autotune import AutotuneCache
+from kompakt.codegen.dequant_matmul.layout import pack
+from kompakt.codegen.dequant_matmul.spec import choose_config
+from kompakt.codegen.dequant_matmul.tuning import cache_key, heuristic, launch_choice
+from kompakt.errors import CodegenError
+from kompakt.ir.fused import body_of
+from kompakt.ir.tensors import to_torch, torch_dtype
+
+_BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
+
+
+def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
+    """A kernel closure taking the fused node's inputs (weights are ignored: packed already)."""
+    roles = list(node.attributes["roles"].value)
+    index = {role: i for i, role in enumerate(roles)}
+    if "other" in index:
+        raise CodegenError(f"fused node '{node.name}' has an input of unknown role")
+    q_value, scale_value = node.inputs[index["q"]], node.inputs[index["scale"]]
+    zero_value = node.inputs[index["zero"]] if "zero" in index else None
+    x_value = node.inputs[index["x"]]
+    dq = next(n for n in body_of(node) if n.op_type == "DequantizeLinear")
+    block = dq.attributes.get("block_size")
+    q = to_torch(q_value.const_value)
+    k = q.shape[0]
+    group = block.value if block is not None and block.value else k
+    scale = to_torch(scale_value.const_value)
+    if scale.numel() == 1:  # per tensor: one scale for every column
+        scale = scale.reshape(1).expand(q.shape[1]).contiguous()
+    zero = None if zero_value is None else to_torch(zero_value.const_value)
+    if zero is not None and zero.numel() == 1:
+        zero = zero.reshape(1).expand(q.shape[1]).contiguous()
+    dtype = torch_dtype(x_value.dtype) if x_value.dtype is not None else torch.float32
+    bits = _BITS[q_value.dtype]
+    if group < k:
+        choose_config(1, q.shape[1], k, group, bits)  # raises for groups the kernels cannot tile
+    packed = pack(q, scale, zero, bits, group, dtype).to(device)
+    bias = None
+    if "bias" in index:
+        bias = to_torch(node.inputs[index["bias"]].const_value).to(device)
+    act = node.attributes["act"].as_string()
+    x_at, residual_at = index["x"], index.get("residual")
+    tuned = AutotuneCache.for_device(device_name(device))
+    arch = _arch(device)
+    choices: dict[int, dict] = {}  # rows -> kernel choice, decided once per M
+
+    def kernel(*inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs[x_at]
+        residual = None if residual_at is None else inputs[residual_at]
+        m = x.numel() // max(1, x.shape[-1])
+        choice = choices.get(m)
+        if choice is None:
+            choice = tuned.get(cache_key(m, packed)) or heuristic(m, packed, arch)
+            if choice["family"] != "triton" and (act != "none" or residual is not None):
+                choice = heuristic(m, packed, arch)  # the CUDA C GEMV has no such epilogue
+            choices[m] = choice
+        return launch_choice(choice, x, packed, bias, act, residual)
+
+    return kernel
+
+
+def device_name(device: torch.device) -> str:
+    """The autotune cache's device key: the GPU's name, or 'cpu-interpreter'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter"
+
+
+def _arch(device: torch.device) -> str:
+    """The tuning heuristics' arch: sm_90 for Hopper and newer (and the interpreter), else sm_80."""
+    if device.type != "cuda":
+        return "sm_90"
+    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"

@@ -1,0 +1,125 @@
+"""Launch heuristics and cost of the dequant-matmul family (no Triton import here).
+
+Regimes by M (rows of x), as the fastest low-bit kernels split them:
+
+- ``gemv``   M <= 16: weight streaming dominates; small BLOCK_M, no tensor cores up to M = 8,
+  and split-K so that the N tiles times the K splits cover every SM a few times over.
+- ``splitk`` 16 < M <= 128: tensor-core tiles; split K only while N tiles leave SMs idle.
+- ``gemm``   M > 128: large tensor-core tiles, no split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kompakt.codegen.aot import Variant
+from kompakt.errors import CodegenError
+
+# Streaming multiprocessors per arch's flagship part (A100: 108, H100 SXM: 132); datasheets.
+SM_COUNT = {"sm_80": 108, "sm_90": 132}
+# Programs per SM wanted in flight to hide DRAM latency in the weight-streaming regime; ~4 is where
+# GEMV kernels usually saturate bandwidth (more only adds partial-sum traffic).
+_WAVES = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters of one dequant-matmul call."""
+
+    regime: str  # "gemv", "splitk" or "gemm"
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def use_dot(self) -> bool:
+        """Tensor cores (tl.dot) need every block dim >= 16."""
+        return self.block_m >= 16
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _block_k(group_size: int, k: int, wanted: int) -> int:
+    """The largest power-of-two BLOCK_K <= wanted that divides the group (one scale row a tile)."""
+    if group_size >= k:  # per-channel: scales are applied after the K loop, any block works
+        return wanted
+    block = wanted
+    while block > 16 and group_size % block:
+        block //= 2
+    if group_size % block:
+        raise CodegenError(
+            f"group size {group_size} is not a multiple of 16, which the Triton dequant-matmul "
+            "kernels need (one scale row per K tile)"
+        )
+    return block
+
+
+def choose_config(
+    m: int, n: int, k: int, group_size: int, bits: int = 4, arch: str = "sm_90"
+) -> Config:
+    """Picks regime and tiles for ``[m, k] @ [k, n]`` with ``bits``-bit weights."""
+    if arch not in SM_COUNT:
+        raise CodegenError(f"unknown arch '{arch}'; known: {', '.join(SM_COUNT)}")
+    sms = SM_COUNT[arch]
+    if m <= 16:
+        block_m = min(_next_pow2(m), 16)
+        block_n = 64 if block_m < 16 else 128
+        block_k = _block_k(group_size, k, 128 if block_m < 16 else 64)
+        regime, warps, stages = "gemv", 4, 3
+    elif m <= 128:
+        block_m, block_n = 32 if m <= 32 else 64, 128
+        block_k = _block_k(group_size, k, 64)
+        regime, warps, stages = "splitk", 4, 4
+    else:
+        # BLOCK_K 32: the dequantized 128x64 tile plus the accumulator spill on sm_80/sm_90 at
+        # 8 warps (ptxas, Triton 3.9); 32 keeps sm_90 spill-free (tests print the numbers).
+        block_m, block_n = 128, 128
+        block_k = _block_k(group_size, k, 32)
+        regime, warps, stages = "gemm", 8, 3
+    tiles = -(-n // block_n) * -(-m // block_m)
+    k_tiles = -(-k // block_k)
+    split = 1
+    if regime != "gemm":
+        split = max(1, min(k_tiles, (_WAVES * sms) // max(tiles, 1), 16))
+    return Config(regime, block_m, block_n, block_k, split, warps, stages)
+
+
+def cost(m: int, n: int, k: int, group_size: int, bits: int = 4, act_bytes: int = 2):
+    """(flops, bytes moved) of one call: packed weight, scales/zeros, x in, y out."""
+    groups = -(-k // min(group_size, k))
+    weight = k * n * bits // 8 + 2 * groups * n * act_bytes
+    return 2 * m * n * k, weight + (m * k + m * n) * act_bytes
+
+
+_KERNEL = "kompakt.codegen.dequant_matmul.kernel:dequant_matmul_kernel"
+
+
+def _signature(dtype: str) -> dict[str, str]:
+    ptr = f"*{dtype}"
+    return {
+        "x_ptr": ptr, "qw_ptr": "*i32", "scales_ptr": ptr, "zeros_ptr": ptr, "bias_ptr": ptr,
+        "residual_ptr": ptr, "out_ptr": ptr, "partial_ptr": "*fp32",
+        "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_rm": "i32",
+        "stride_om": "i32",
+    }  # fmt: skip
+
+
+def aot_variants(arch: str) -> list[Variant]:
+    """One variant per regime at K = N = 4096, group 128, fp16, 4-bit, with a residual epilogue."""
+    variants = []
+    for m in (1, 16, 64, 256):
+        c = choose_config(m, 4096, 4096, 128, 4, arch)
+        constants = dict(
+            BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=True,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
+            USE_DOT=c.use_dot,
+        )  # fmt: skip
+        variants.append(
+            Variant(_KERNEL, _signature("fp16"), constants, arch, c.num_warps, c.num_stages)
+        )
+    return variants

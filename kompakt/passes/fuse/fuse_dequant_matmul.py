@@ -1,0 +1,183 @@
+"""fuse-dequant-matmul: a quantized weight's dequantization, its MatMul and the epilogue after it.
+
+Weight-only quantized layers (W4A16/W8A16) are written as DequantizeLinear feeding MatMul; run op
+by op, the float weight is materialized in memory every call, which costs more than the int4 saves.
+Fused, one kernel reads the packed integers and dequantizes tile by tile in registers (codegen
+family ``dequant_matmul``), and applies what follows the MatMul in the same pass over the output:
+a bias, an activation, a residual add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import onnx_ir as ir
+
+from kompakt.ir.fused import fuse_nodes
+from kompakt.passes.base import CompileContext, Pass, PassResult
+from kompakt.passes.registry import register_pass
+
+_D = ir.DataType
+_BITS = {_D.INT4: 4, _D.UINT4: 4, _D.INT8: 8, _D.UINT8: 8}
+_FLOAT = (_D.FLOAT, _D.FLOAT16, _D.BFLOAT16)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseDequantMatMul(Pass):
+    """Fuse DequantizeLinear -> MatMul [-> Add bias] [-> activation] [-> Add residual].
+
+    Before: w = DequantizeLinear(q: i4[K, N], s: f16[K/g, N], axis=0, block_size=g)
+            y = Add(Silu(Add(MatMul(x, w), b)), r)
+    After:  y = kompakt::FusedKernel[pattern="dequant_matmul", act="silu",
+                                     roles=["q", "scale", "x", "bias", "residual"]](q, s, x, b, r)
+
+    Activations recognised: Relu, Gelu (opset 20, erf or tanh), and SiLU written as
+    ``Mul(y, Sigmoid(y))``. The epilogue grows only while each intermediate has one consumer, so
+    nothing computed inside the kernel is needed outside it.
+
+    Args:
+        epilogues: Also take bias, activation and residual into the kernel (else the MatMul only).
+    """
+
+    name: ClassVar[str] = "fuse-dequant-matmul"
+    epilogues: bool = True
+
+    def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        fused, kept = 0, []
+        for matmul in [n for n in model.graph if n.op_type == "MatMul" and n.domain == ""]:
+            dq = _weight_dequantization(matmul)
+            if dq is None:
+                continue
+            reason = _why_not(dq, matmul)
+            if reason:
+                kept.append(f"{matmul.name}: {reason}")
+                continue
+            group, roles, attrs = _grow(model.graph, dq, matmul, self.epilogues)
+            node = fuse_nodes(model, group, "dequant_matmul", attrs)
+            names = {id(v): role for v, role in roles.items()}
+            node.attributes["roles"] = ir.AttrStrings(
+                "roles", [names.get(id(v), "other") for v in node.inputs]
+            )
+            fused += 1
+        return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
+
+
+def _weight_dequantization(matmul: ir.Node) -> ir.Node | None:
+    weight = matmul.inputs[1]
+    producer = weight.producer() if weight is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear" or producer.domain != "":
+        return None
+    q = producer.inputs[0]
+    return producer if q is not None and q.const_value is not None else None
+
+
+def _why_not(dq: ir.Node, matmul: ir.Node) -> str | None:
+    q, scale = dq.inputs[0], dq.inputs[1]
+    if q.dtype not in _BITS:
+        return f"{q.dtype.name} weights (the kernels take 4 or 8 bits)"
+    if len(q.const_value.shape) != 2:
+        return "the weight is not 2-D"
+    if scale is None or scale.const_value is None:
+        return "the scale is not a constant"
+    zero = dq.inputs[2] if len(dq.inputs) > 2 else None
+    if zero is not None and zero.const_value is None:
+        return "the zero point is not a constant"
+    if len(dq.outputs[0].uses()) != 1:
+        return "the dequantized weight has several consumers"
+    x = matmul.inputs[0]
+    if x is None or x.dtype not in _FLOAT:
+        return "the activation is not float"
+    producer = x.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return "the activation is quantized too (W8A8 runs as an integer GEMM)"
+    axis = dq.attributes.get("axis")
+    axis = 1 if axis is None else axis.value
+    block = dq.attributes.get("block_size")
+    blocked = block is not None and block.value
+    if blocked and axis != 0:
+        return f"blocks along axis {axis} (kernels take groups along K)"
+    if not blocked and scale.const_value.size != 1 and axis not in (1, -1):
+        return "per-row scales along K"
+    return None
+
+
+def _single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    uses = value.uses()
+    if len(uses) != 1 or value in graph.outputs:
+        return None
+    return uses[0].node
+
+
+def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
+    """The group (dq, matmul, epilogue nodes), the role of each outside input, the attributes."""
+    roles: dict[ir.Value, str] = {dq.inputs[0]: "q", dq.inputs[1]: "scale", matmul.inputs[0]: "x"}
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
+        roles[dq.inputs[2]] = "zero"
+    group = [dq, matmul]
+    act, has_bias, has_residual = "none", False, False
+    y = matmul.outputs[0]
+    n = dq.inputs[0].const_value.shape[1]
+    if epilogues:
+        # bias: Add with a constant [N]
+        nxt = _single_consumer(y, graph)
+        other = _other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
+        if other is not None and other.const_value is not None and other.shape == ir.Shape([n]):
+            roles[other] = "bias"
+            group.append(nxt)
+            y, has_bias = nxt.outputs[0], True
+        act_nodes, act = _activation(y, graph)
+        if act_nodes:
+            group.extend(act_nodes)
+            y = act_nodes[-1].outputs[0]
+        nxt = _single_consumer(y, graph)
+        other = _other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
+        if other is not None and other.const_value is None and _same_shape(other, y):
+            roles[other] = "residual"
+            group.append(nxt)
+            has_residual = True
+    attrs = [
+        ir.AttrString("act", act),
+        ir.AttrInt64("has_bias", int(has_bias)),
+        ir.AttrInt64("has_residual", int(has_residual)),
+    ]
+    return group, roles, attrs
+
+
+def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is value and b is not value:
+        return b
+    if b is value and a is not value:
+        return a
+    return None
+
+
+def _same_shape(a: ir.Value, b: ir.Value) -> bool:
+    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
+
+
+def _activation(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:
+    if y in graph.outputs:
+        return [], "none"
+    uses = [u.node for u in y.uses()]
+    if len(uses) == 1 and uses[0].op_type == "Relu":
+        return [uses[0]], "relu"
+    if len(uses) == 1 and uses[0].op_type == "Gelu":
+        approx = uses[0].attributes.get("approximate")
+        kind = approx.as_string() if approx is not None else "none"
+        return [uses[0]], "gelu_tanh" if kind == "tanh" else "gelu"
+    if len(uses) == 2:  # SiLU: Mul(y, Sigmoid(y))
+        sig = next((u for u in uses if u.op_type == "Sigmoid"), None)
+        mul = next((u for u in uses if u.op_type == "Mul"), None)
+        if (
+            sig is not None
+            and mul is not None
+            and _single_consumer(sig.outputs[0], graph) is mul
+            and set(map(id, mul.inputs)) == {id(y), id(sig.outputs[0])}
+        ):
+            return [sig, mul], "silu"
+    return [], "none"

@@ -1,0 +1,143 @@
+"""The dequant-matmul family: packing, Triton kernels (interpreter) vs the reference, and AOT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kompakt.codegen.aot import compile_variants
+from kompakt.codegen.dequant_matmul import Config, choose_config, pack, unpack
+from kompakt.codegen.dequant_matmul.reference import dequant_matmul_reference
+from kompakt.codegen.dequant_matmul.spec import aot_variants
+from kompakt.errors import CodegenError
+
+kernel = pytest.importorskip("kompakt.codegen.dequant_matmul.kernel")
+
+
+def _quantized(k, n, group, bits, signed=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        lo, hi = (-8, 8) if signed else (0, 16)
+    else:
+        lo, hi = (-128, 128) if signed else (0, 256)
+    dtype = torch.int8 if signed else torch.uint8
+    groups = -(-k // group)
+    q = torch.randint(lo, hi, (k, n), generator=g).to(dtype)
+    scale = torch.rand(groups, n, generator=g) * 0.1 + 0.01
+    zero = torch.randint(lo, hi, (groups, n), generator=g).to(dtype)
+    return q, scale, zero
+
+
+def _onnx_dequant(q, scale, zero, group):
+    """What ONNX DequantizeLinear(axis=0, block_size=group) gives, computed independently."""
+    k = q.shape[0]
+    z = zero.to(torch.int32).repeat_interleave(group, 0)[:k]
+    return (q.to(torch.int32) - z).float() * scale.repeat_interleave(group, 0)[:k]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("k, group", [(40, 16), (64, 32), (20, 20)])
+def test_pack_round_trips_onnx_dequantization(bits, signed, k, group):
+    q, scale, zero = _quantized(k, 6, group, bits, signed)
+    packed = pack(q, scale, zero, bits, group, torch.float32)
+    assert torch.equal(unpack(packed), _onnx_dequant(q, scale, zero, group))
+    if bits == 4:  # eight nibbles per int32; K padded to whole groups (and to 8)
+        assert packed.qweight.shape == (packed.scales.shape[0] * packed.group_size // 8, 6)
+        assert packed.qweight.shape[0] * 8 < k + max(group, 8)
+
+
+def test_pack_symmetric_and_per_channel_scale():
+    q, scale, _ = _quantized(24, 5, 24, 4)
+    packed = pack(q, scale[0], None, 4, 128, torch.float32)
+    assert packed.scales.shape == (1, 5)
+    assert torch.equal(unpack(packed), q.float() * scale[0])
+
+
+def test_pack_rejects_bad_shapes():
+    q, scale, zero = _quantized(32, 4, 16, 4)
+    with pytest.raises(CodegenError, match="scale shape"):
+        pack(q, scale[:1], zero[:1], 4, 16)
+    with pytest.raises(CodegenError, match="3-bit"):
+        pack(q, scale, zero, 3, 16)
+
+
+CASES = [
+    # m, k, n, group, bits, dtype, act, bias, residual
+    (1, 40, 20, 16, 4, torch.float32, "none", False, False),
+    (3, 48, 33, 16, 4, torch.float16, "silu", True, True),
+    (5, 64, 33, 32, 8, torch.float32, "gelu", False, True),
+    (20, 64, 17, 32, 4, torch.float32, "gelu_tanh", True, False),
+    (17, 24, 10, 24, 8, torch.float16, "relu", False, False),
+    (130, 32, 9, 32, 4, torch.float16, "none", True, True),
+]
+
+
+@pytest.mark.parametrize("m, k, n, group, bits, dtype, act, bias, residual", CASES)
+def test_kernel_matches_reference(m, k, n, group, bits, dtype, act, bias, residual):
+    q, scale, zero = _quantized(k, n, group, bits, seed=m)
+    packed = pack(q, scale, zero, bits, group, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    r = torch.randn(m, n, generator=g).to(dtype) if residual else None
+    y = kernel.launch_dequant_matmul(x, packed, b, act, r)
+    expected = dequant_matmul_reference(x, packed, b, act, r)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol * 10)
+    assert y.dtype == dtype and y.shape == (m, n)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        Config("gemv", 2, 16, 16, split_k=3, num_stages=2),
+        Config("splitk", 16, 16, 16, split_k=2, num_stages=2),
+        Config("gemm", 32, 32, 32, split_k=1),
+    ],
+)
+def test_every_regime_matches_reference(config):
+    q, scale, zero = _quantized(96, 40, 32, 4)
+    packed = pack(q, scale, zero, 4, 32, torch.float32)
+    x = torch.randn(2, 3, 96)  # leading dims are flattened and restored
+    r = torch.randn(2, 3, 40)
+    y = kernel.launch_dequant_matmul(x, packed, None, "silu", r, config)
+    torch.testing.assert_close(y, dequant_matmul_reference(x, packed, None, "silu", r))
+    assert y.shape == (2, 3, 40)
+
+
+def test_kernel_errors_name_the_argument():
+    q, scale, zero = _quantized(32, 8, 16, 4)
+    packed = pack(q, scale, zero, 4, 16, torch.float32)
+    with pytest.raises(CodegenError, match="K = 32"):
+        kernel.launch_dequant_matmul(torch.randn(2, 30), packed)
+    with pytest.raises(CodegenError, match="residual shape"):
+        kernel.launch_dequant_matmul(torch.randn(2, 32), packed, residual=torch.randn(3, 8))
+    with pytest.raises(CodegenError, match="activation"):
+        kernel.launch_dequant_matmul(torch.randn(2, 32), packed, act="swish")
+
+
+def test_choose_config_regimes():
+    regimes = {m: choose_config(m, 4096, 4096, 128).regime for m in (1, 8, 16, 17, 128, 129)}
+    assert regimes == {1: "gemv", 8: "gemv", 16: "gemv", 17: "splitk", 128: "splitk", 129: "gemm"}
+    one = choose_config(1, 4096, 4096, 128, arch="sm_80")
+    assert not one.use_dot and one.split_k > 1  # one row: split K to reach every SM
+    assert choose_config(1, 4096, 4096, 64).block_k == 64  # a tile never straddles two groups
+    with pytest.raises(CodegenError, match="multiple of 16"):
+        choose_config(1, 64, 64, 8)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_aot_compiles_every_regime_with_tensor_cores(arch):
+    built = compile_variants(aot_variants(arch))
+    for b in built:
+        print(b.summary(), "BLOCK_M =", b.variant.constants["BLOCK_M"])
+        dot = b.variant.constants["USE_DOT"]
+        if not dot:
+            assert not (b.uses_mma or b.uses_wgmma)
+        elif arch == "sm_90" and b.variant.constants["BLOCK_M"] >= 64:
+            assert b.uses_wgmma
+        else:
+            assert b.uses_mma
+        if arch == "sm_90" or b.variant.constants["BLOCK_M"] < 128:
+            assert b.spill_stores == 0, b.summary()
