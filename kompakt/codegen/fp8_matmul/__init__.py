@@ -12,7 +12,8 @@ w_scale fp32 [N] (per output channel) or [], bias [N]. Below sm_89 there is no f
 `choose_config` and the launchers raise CodegenError there.
 
 ``launch_quantize_fp8`` and ``launch_fp8_matmul`` (in `kernel`, which needs triton) run the
-kernels; this package imports without triton.
+kernels; this package imports without triton. The Triton kernels, the tiling heuristics and the
+matmul reference are shared with ``int8_matmul`` in ``kompakt.codegen.scaled_matmul``.
 """
 
 from kompakt.codegen.fp8_matmul.reference import (

@@ -1,62 +1,27 @@
-"""Launch configurations, ahead-of-time variants and cost model of the fp8 (e4m3) matmul family.
+"""fp8 (e4m3) matmul spec: the sm_89+ gate, the e4m3 AOT variants and the quantize cost.
 
-No triton import here: the heuristics and the cost model are used by planners that run without a
-GPU toolchain.
+`Config`, `QuantConfig`, the regimes behind `choose_config`, `choose_quant_config` and the matmul
+`cost` are the int8 family's too, and are defined once in `kompakt.codegen.scaled_matmul.spec`
+(re-exported here). Planners call these without a GPU toolchain, so nothing here imports triton.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from kompakt.codegen.aot import Variant
+from kompakt.codegen.scaled_matmul import spec as shared
+from kompakt.codegen.scaled_matmul.spec import AOT_SHAPE, Config, capability
+from kompakt.codegen.scaled_matmul.spec import QuantConfig as QuantConfig
+from kompakt.codegen.scaled_matmul.spec import choose_quant_config as choose_quant_config
+from kompakt.codegen.scaled_matmul.spec import cost as cost
 from kompakt.errors import CodegenError
 
-KERNELS = "kompakt.codegen.fp8_matmul.kernel"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 MIN_CAPABILITY = 89  # fp8 tensor-core MMA: Ada (sm_89) mma.sync e4m3, Hopper (sm_90) wgmma
-
-# Shared memory a block may use (the opt-in maximum), by compute capability: sm_89 100 KiB,
-# H100/H200 228 KiB, each less the 1 KiB the driver keeps.
-_SHARED_BYTES = {89: 99 * 1024, 90: 227 * 1024}
-# Kept free for the epilogue's layout conversion scratch, which Triton does not always alias with
-# the pipeline buffers; a 128x128 fp32 tile through shared memory in halves is 32 KiB.
-_EPILOGUE_RESERVE = 32 * 1024
-
-
-@dataclass(frozen=True)
-class Config:
-    """One tiling of ``y[M, N] = xq[M, K] @ wq[K, N]``: a program computes a block_m x block_n tile."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8  # programs sharing a band of rows, so their W tiles stay in L2
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def grid(self, m: int, n: int) -> tuple[int]:
-        return (_cdiv(m, self.block_m) * _cdiv(n, self.block_n),)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Quantization: one program per row, reading it in chunks of block_k."""
-
-    block_k: int
-    num_warps: int
-
-    def one_block(self, k: int) -> bool:
-        """The whole row fits one chunk: read x once and keep it in registers."""
-        return k <= self.block_k
 
 
 def require_fp8(arch: str) -> int:
     """The compute capability of ``arch`` (``"sm_90"`` -> 90); CodegenError below sm_89."""
-    found = re.fullmatch(r"sm_(\d+)a?", arch)
-    if not found:
-        raise CodegenError(f"arch must look like 'sm_89' or 'sm_90', got '{arch}'")
-    cap = int(found.group(1))
+    cap = capability(arch)
     if cap < MIN_CAPABILITY:
         raise CodegenError(
             f"fp8 matmul needs sm_89+ (fp8 tensor cores: Ada sm_89, Hopper sm_90), got {arch}; "
@@ -66,141 +31,24 @@ def require_fp8(arch: str) -> int:
 
 
 def choose_config(m: int, n: int, k: int, arch: str = "sm_90") -> Config:
-    """The tiling for an [m, k] x [k, n] fp8 product on ``arch``, by regime of m.
-
-    fp8 MMA takes 32 values of K per instruction (wgmma m64nNk32, mma.sync m16n8k32 on sm_89),
-    so every block_k is a multiple of 32; 128 fp8 values are one 128-byte line per row.
-    """
-    cap = require_fp8(arch)
-    if m <= 16:
-        # Decode and tiny batches: bound by streaming W. 16 rows is the smallest MMA tile (wgmma
-        # needs 64, so this is mma.sync); 32-column tiles give N / 32 programs (128 at N = 4096)
-        # to cover the SMs; a 256 K step keeps 8 KiB of W in flight per stage.
-        cfg = Config(16, 32, 256, group_m=1, num_warps=4, num_stages=4)
-    elif m <= 64:
-        # Small prefill / batched decode: one 64-row tile, one wgmma warpgroup (4 warps).
-        cfg = Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)
-    else:
-        # Compute-bound prefill: 128x128 tiles (two warpgroups) reuse each loaded byte 128 times.
-        cfg = Config(128, 128, 128, group_m=8, num_warps=8, num_stages=4)
-    return _fit_stages(cfg, cap)
-
-
-def choose_quant_config(k: int) -> QuantConfig:
-    """Rows up to 4096 values are read once (32 fp32 values per thread at 4 warps); longer rows
-    are read twice in 4096-value chunks (amax, then quantize; the second read hits L2)."""
-    block_k = min(max(16, 1 << max(0, k - 1).bit_length()), 4096)
-    return QuantConfig(block_k=block_k, num_warps=4 if block_k <= 2048 else 8)
-
-
-def cost(m: int, n: int, k: int, out_bytes: int = 2, has_bias: bool = False) -> tuple[int, int]:
-    """(flops, bytes moved) of one matmul: fp8 operands once, fp32 scales, the output once."""
-    flops = 2 * m * n * k
-    moved = m * k + k * n + 4 * (m + n) + m * n * out_bytes + (n * out_bytes if has_bias else 0)
-    return flops, moved
+    """The tiling for an [m, k] x [k, n] fp8 product on ``arch`` (sm_89+), by regime of m; see
+    `scaled_matmul.spec.choose_tiling` (fp8 MMA is wgmma m64nNk32, mma.sync m16n8k32 on sm_89)."""
+    return shared.choose_tiling(m, n, k, require_fp8(arch))
 
 
 def quantize_cost(m: int, k: int, in_bytes: int = 2) -> tuple[int, int]:
     """(flops, bytes moved) of quantization: abs/max, divide, clamp, round onto e4m3 per value."""
-    return 8 * m * k, m * k * in_bytes + m * k + 4 * m
-
-
-# Ahead-of-time variants are built for a 4096 x 4096 weight. Strides go in as constants: the JIT
-# specializes unit strides and strides divisible by 16 at launch (that is what lets loads be
-# 16-byte vectors), and a `Variant` has no way to say "divisible by 16" for a runtime argument.
-AOT_SHAPE = 4096
+    return 8 * m * k, shared.quantize_bytes(m, k, in_bytes)
 
 
 def matmul_signature(out: str = "fp16", bias: str = "fp16") -> dict[str, str]:
-    """Runtime argument types of `fp8_matmul_kernel` (strides go in as constants)."""
-    return {
-        "a_ptr": "*fp8e4nv",
-        "b_ptr": "*fp8e4nv",
-        "c_ptr": f"*{out}",
-        "a_scale_ptr": "*fp32",
-        "b_scale_ptr": "*fp32",
-        "bias_ptr": f"*{bias}",
-        "M": "i32",
-        "N": "i32",
-        "K": "i32",
-    }
-
-
-def matmul_constants(cfg: Config, k: int = AOT_SHAPE, n: int = AOT_SHAPE) -> dict[str, int]:
-    """Constexprs of `fp8_matmul_kernel` for a contiguous x [M, k], W [k, n] and y [M, n]."""
-    return {
-        "stride_am": k,
-        "stride_ak": 1,
-        "stride_bk": n,
-        "stride_bn": 1,
-        "stride_cm": n,
-        "stride_cn": 1,
-        "BLOCK_M": cfg.block_m,
-        "BLOCK_N": cfg.block_n,
-        "BLOCK_K": cfg.block_k,
-        "GROUP_M": cfg.group_m,
-        "EVEN_K": k % cfg.block_k == 0,
-    }
+    """Runtime argument types of `scaled_matmul_kernel` on e4m3 operands."""
+    return shared.matmul_signature("fp8e4nv", out, bias)
 
 
 def aot_variants(arch: str) -> list[Variant]:
-    """The kernels tests compile for ``arch`` (sm_89+): quantization per row and per tensor, and
-    the matmul in each M regime."""
+    """The kernels tests compile for ``arch`` (sm_89+): quantization per row and per tensor (with
+    its amax pass), and the fp8 matmul in each M regime."""
     require_fp8(arch)
-    quant = choose_quant_config(AOT_SHAPE)
-    x_types = {"x_ptr": "*fp16", "K": "i32"}
-    strides = {"stride_xm": AOT_SHAPE, "BLOCK_K": quant.block_k}
-    variants = [
-        Variant(
-            f"{KERNELS}:row_amax_kernel",
-            {**x_types, "amax_ptr": "*fp32"},
-            strides,
-            arch=arch,
-            num_warps=quant.num_warps,
-            num_stages=1,
-        )
-    ]
-    for per_row in (True, False):
-        variants.append(
-            Variant(
-                f"{KERNELS}:quantize_fp8_kernel",
-                {**x_types, "xq_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "amax_ptr": "*fp32"},
-                {
-                    **strides,
-                    "stride_qm": AOT_SHAPE,
-                    "ONE_BLOCK": quant.one_block(AOT_SHAPE),
-                    "PER_ROW": per_row,
-                },
-                arch=arch,
-                num_warps=quant.num_warps,
-                num_stages=1,
-            )
-        )
-    for m in (1, 32, 512):  # one M per regime
-        cfg = choose_config(m, AOT_SHAPE, AOT_SHAPE, arch)
-        variants.append(
-            Variant(
-                f"{KERNELS}:fp8_matmul_kernel",
-                matmul_signature(),
-                {**matmul_constants(cfg), "A_PER_ROW": True, "B_PER_COL": True, "HAS_BIAS": True},
-                arch=arch,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-        )
-    return variants
-
-
-def _fit_stages(cfg: Config, cap: int) -> Config:
-    """Fewer pipeline stages where the A and B tiles of all stages would not fit shared memory."""
-    per_stage = cfg.block_k * (cfg.block_m + cfg.block_n)  # fp8: one byte a value
-    # An arch not in the table gets the smallest budget: fewer stages run slower, too many fail.
-    budget = _SHARED_BYTES.get(cap, min(_SHARED_BYTES.values())) - _EPILOGUE_RESERVE
-    stages = max(2, min(cfg.num_stages, budget // per_stage))
-    if stages == cfg.num_stages:
-        return cfg
-    return Config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, stages)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    quant = shared.quantize_variants(arch, "fp8e4nv", [(AOT_SHAPE, True), (AOT_SHAPE, False)])
+    return quant + shared.matmul_variants(arch, "fp8e4nv", choose_config)

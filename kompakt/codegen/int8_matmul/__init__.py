@@ -10,7 +10,8 @@ fp32. Shapes: xq int8 [..., K], x_scale fp32 [...] (per token) or [] (static per
 [K, N] (MatMul orientation), w_scale fp32 [N] (per output channel) or [], bias [N].
 
 ``launch_quantize_per_token`` and ``launch_int8_matmul`` (in `kernel`, which needs triton) run the
-kernels; this package imports without triton.
+kernels; this package imports without triton. The Triton kernels, the tiling heuristics and the
+matmul reference are shared with ``fp8_matmul`` in ``kompakt.codegen.scaled_matmul``.
 """
 
 from kompakt.codegen.int8_matmul.reference import (

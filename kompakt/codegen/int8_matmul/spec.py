@@ -1,190 +1,42 @@
-"""Launch configurations, ahead-of-time variants and cost model of the int8 (W8A8) matmul family.
+"""Heuristics of the int8 (W8A8) matmul family: sm_80+ gate, int8 AOT variants, quantize cost.
 
-No triton import here: the heuristics and the cost model are used by planners that run without a
-GPU toolchain.
+What int8 shares with fp8 (the tile `Config` and its regimes, `QuantConfig` and
+`choose_quant_config`, the GEMM `cost`) is written once in `kompakt.codegen.scaled_matmul.spec`
+and re-exported here. No triton import: planners use these without a GPU toolchain.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from kompakt.codegen.aot import Variant
+from kompakt.codegen.scaled_matmul import spec as shared
+from kompakt.codegen.scaled_matmul.spec import AOT_SHAPE, Config, capability
+from kompakt.codegen.scaled_matmul.spec import QuantConfig as QuantConfig
+from kompakt.codegen.scaled_matmul.spec import choose_quant_config as choose_quant_config
+from kompakt.codegen.scaled_matmul.spec import cost as cost
 from kompakt.errors import CodegenError
-
-KERNELS = "kompakt.codegen.int8_matmul.kernel"
-
-# Shared memory a block may use (the opt-in maximum), by compute capability: A100 164 KiB (less
-# 1 KiB the driver keeps), sm_86/sm_89 consumer parts 100 KiB, H100/H200 228 KiB.
-_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-# Kept free for the epilogue's layout conversion scratch, which Triton does not always alias with
-# the pipeline buffers; a 128x128 fp32 tile through shared memory in halves is 32 KiB.
-_EPILOGUE_RESERVE = 32 * 1024
-
-
-@dataclass(frozen=True)
-class Config:
-    """One tiling of ``y[M, N] = xq[M, K] @ wq[K, N]``: a program computes a block_m x block_n tile."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8  # programs sharing a band of rows, so their W tiles stay in L2
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def grid(self, m: int, n: int) -> tuple[int]:
-        return (_cdiv(m, self.block_m) * _cdiv(n, self.block_n),)
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Per-token quantization: one program per row, reading it in chunks of block_k."""
-
-    block_k: int
-    num_warps: int
-
-    def one_block(self, k: int) -> bool:
-        """The whole row fits one chunk: read x once and keep it in registers."""
-        return k <= self.block_k
-
-
-def capability(arch: str) -> int:
-    """``"sm_90"`` (or ``"sm_90a"``) -> 90."""
-    found = re.fullmatch(r"sm_(\d+)a?", arch)
-    if not found:
-        raise CodegenError(f"arch must look like 'sm_80' or 'sm_90', got '{arch}'")
-    return int(found.group(1))
 
 
 def choose_config(m: int, n: int, k: int, arch: str = "sm_90") -> Config:
-    """The tiling for an [m, k] x [k, n] int8 product on ``arch``, by regime of m.
-
-    int8 MMA takes 32 values of K per instruction (mma.sync m16n8k32, wgmma m64nNk32), so every
-    block_k is a multiple of 32; 128 int8 values are one 128-byte line per row.
-    """
+    """The tiling for an [m, k] x [k, n] int8 product on ``arch`` (sm_80+), by regime of m; see
+    `scaled_matmul.spec.choose_tiling` (int8 MMA is mma.sync m16n8k32.s8, wgmma m64nNk32.s8)."""
     cap = capability(arch)
     if cap < 80:
         raise CodegenError(f"int8 matmul kernels target sm_80 or newer (int8 mma.sync), got {arch}")
-    if m <= 16:
-        # Decode and tiny batches: the kernel streams W once and is bound by its bandwidth. 16 rows
-        # is the smallest MMA tile, so it wastes least on padding; a narrow 32-column tile gives
-        # N / 32 programs (128 at N = 4096) to cover the ~100-132 SMs; a deep 256 K step keeps
-        # 8 KiB of W in flight per stage. Hopper's wgmma needs 64 rows, so this is mma.sync there.
-        cfg = Config(16, 32, 256, group_m=1, num_warps=4, num_stages=4)
-    elif m <= 64:
-        # Small prefill / batched decode: one 64-row tile covers M; 64 rows is one wgmma
-        # warpgroup (4 warps) on Hopper.
-        cfg = Config(64, 128, 128, group_m=8, num_warps=4, num_stages=4)
-    else:
-        # Compute-bound prefill: 128x128 tiles (two warpgroups on Hopper) reuse each loaded byte
-        # 128 times; grouped ordering keeps a band of W tiles hot in L2.
-        cfg = Config(128, 128, 128, group_m=8, num_warps=8, num_stages=4)
-    return _fit_stages(cfg, cap)
-
-
-def choose_quant_config(k: int) -> QuantConfig:
-    """Rows up to 4096 values are read once (4096 fp32 values = 32 per thread at 4 warps); longer
-    rows are read twice in 4096-value chunks (amax, then quantize; the second read hits L2)."""
-    block_k = min(max(16, 1 << max(0, k - 1).bit_length()), 4096)
-    return QuantConfig(block_k=block_k, num_warps=4 if block_k <= 2048 else 8)
-
-
-def cost(m: int, n: int, k: int, out_bytes: int = 2, has_bias: bool = False) -> tuple[int, int]:
-    """(flops, bytes moved) of one matmul: int8 operands once, fp32 scales, the output once."""
-    flops = 2 * m * n * k
-    moved = m * k + k * n + 4 * (m + n) + m * n * out_bytes + (n * out_bytes if has_bias else 0)
-    return flops, moved
+    return shared.choose_tiling(m, n, k, cap)
 
 
 def quantize_cost(m: int, k: int, in_bytes: int = 2) -> tuple[int, int]:
     """(flops, bytes moved) of per-token quantization: abs/max, divide, round, clamp per value."""
-    return 5 * m * k, m * k * in_bytes + m * k + 4 * m
-
-
-# Ahead-of-time variants are built for a 4096 x 4096 weight. Strides go in as constants: the JIT
-# specializes unit strides and strides divisible by 16 at launch (that is what lets loads be
-# 16-byte vectors), and a `Variant` has no way to say "divisible by 16" for a runtime argument.
-AOT_SHAPE = 4096
+    return 5 * m * k, shared.quantize_bytes(m, k, in_bytes)
 
 
 def matmul_signature(out: str = "fp16", bias: str = "fp16") -> dict[str, str]:
-    """Runtime argument types of `int8_matmul_kernel` (strides go in as constants)."""
-    return {
-        "a_ptr": "*i8",
-        "b_ptr": "*i8",
-        "c_ptr": f"*{out}",
-        "a_scale_ptr": "*fp32",
-        "b_scale_ptr": "*fp32",
-        "bias_ptr": f"*{bias}",
-        "M": "i32",
-        "N": "i32",
-        "K": "i32",
-    }
-
-
-def matmul_constants(cfg: Config, k: int = AOT_SHAPE, n: int = AOT_SHAPE) -> dict[str, int]:
-    """Constexprs of `int8_matmul_kernel` for a contiguous x [M, k], W [k, n] and y [M, n]."""
-    return {
-        "stride_am": k,
-        "stride_ak": 1,
-        "stride_bk": n,
-        "stride_bn": 1,
-        "stride_cm": n,
-        "stride_cn": 1,
-        "BLOCK_M": cfg.block_m,
-        "BLOCK_N": cfg.block_n,
-        "BLOCK_K": cfg.block_k,
-        "GROUP_M": cfg.group_m,
-        "EVEN_K": k % cfg.block_k == 0,
-    }
+    """Runtime argument types of `scaled_matmul_kernel` on int8 operands."""
+    return shared.matmul_signature("i8", out, bias)
 
 
 def aot_variants(arch: str) -> list[Variant]:
-    """The kernels tests compile for ``arch``: quantization, and the matmul in each M regime."""
-    variants = []
-    for k in (AOT_SHAPE, 2 * AOT_SHAPE):  # a row read once, and one read in two passes
-        quant = choose_quant_config(k)
-        variants.append(
-            Variant(
-                f"{KERNELS}:quantize_per_token_kernel",
-                {"x_ptr": "*fp16", "xq_ptr": "*i8", "scale_ptr": "*fp32", "K": "i32"},
-                {
-                    "stride_xm": k,
-                    "stride_qm": k,
-                    "BLOCK_K": quant.block_k,
-                    "ONE_BLOCK": quant.one_block(k),
-                },
-                arch=arch,
-                num_warps=quant.num_warps,
-                num_stages=1,
-            )
-        )
-    for m in (1, 32, 512):  # one M per regime
-        cfg = choose_config(m, AOT_SHAPE, AOT_SHAPE, arch)
-        variants.append(
-            Variant(
-                f"{KERNELS}:int8_matmul_kernel",
-                matmul_signature(),
-                {**matmul_constants(cfg), "A_PER_ROW": True, "B_PER_COL": True, "HAS_BIAS": True},
-                arch=arch,
-                num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-        )
-    return variants
-
-
-def _fit_stages(cfg: Config, cap: int) -> Config:
-    """Fewer pipeline stages where the A and B tiles of all stages would not fit shared memory."""
-    per_stage = cfg.block_k * (cfg.block_m + cfg.block_n)  # int8: one byte a value
-    # An arch not in the table gets the smallest budget: fewer stages run slower, too many fail.
-    budget = _SHARED_BYTES.get(cap, min(_SHARED_BYTES.values())) - _EPILOGUE_RESERVE
-    stages = max(2, min(cfg.num_stages, budget // per_stage))
-    if stages == cfg.num_stages:
-        return cfg
-    return Config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.group_m, cfg.num_warps, stages)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    """The kernels tests compile for ``arch``: per-token quantization of a row read once and of
+    one read in two passes, and the int8 matmul in each M regime."""
+    quant = shared.quantize_variants(arch, "i8", [(AOT_SHAPE, True), (2 * AOT_SHAPE, True)])
+    return quant + shared.matmul_variants(arch, "i8", choose_config)
