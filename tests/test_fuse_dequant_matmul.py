@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, tokens
+from fusion_helpers import first_output
 
 import kompakt
 from kompakt.ir.fused import body_of, inline_fused, is_fused
@@ -22,10 +23,6 @@ def _compile(captured, name, pipeline, backend="reference"):
     return kompakt.compile(
         captured(name), target="a100", pipeline=pipeline, backend=backend, progress=False
     )
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _fused(model):
@@ -51,9 +48,9 @@ def test_llama_layers_fuse_with_their_epilogues(captured):
 
 def test_fused_model_computes_exactly_what_the_unfused_one_does(captured):
     ids = tokens(EXAMPLE_SHAPE)
-    plain = _first(_compile(captured, "llama", QUANT)(ids))
+    plain = first_output(_compile(captured, "llama", QUANT)(ids))
     fused = _compile(captured, "llama", QUANT + ",fuse-dequant-matmul")
-    assert torch.equal(_first(fused(ids)), plain)
+    assert torch.equal(first_output(fused(ids)), plain)
 
 
 @pytest.mark.parametrize("name, act", [("bert", "gelu"), ("opt", "relu")])
@@ -66,8 +63,8 @@ def test_bias_and_activation_epilogues(captured, name, act):
     if name == "bert":  # the intermediate dense: bias, then GELU, in the kernel
         assert all(n.attributes["has_bias"].value for n in with_act)
     ids = tokens(EXAMPLE_SHAPE)
-    plain = _first(_compile(captured, name, QUANT)(ids))
-    assert torch.equal(_first(cm(ids)), plain)
+    plain = first_output(_compile(captured, name, QUANT)(ids))
+    assert torch.equal(first_output(cm(ids)), plain)
 
 
 def test_epilogues_can_be_left_out(captured):
@@ -87,7 +84,7 @@ def test_export_inlines_fused_groups_back_to_standard_onnx(captured, tmp_path):
     ids = tokens(EXAMPLE_SHAPE)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), _first(cm(ids)), rtol=1e-3, atol=2e-2)
+    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-3, atol=2e-2)
 
 
 def test_save_writes_standard_onnx_and_load_fuses_again(captured, tmp_path):
@@ -99,7 +96,7 @@ def test_save_writes_standard_onnx_and_load_fuses_again(captured, tmp_path):
     loaded = kompakt.load(tmp_path / "saved", backend="reference")
     assert len(_fused(loaded.ir)) == 14
     ids = tokens(EXAMPLE_SHAPE)
-    assert torch.equal(_first(loaded(ids)), _first(cm(ids)))
+    assert torch.equal(first_output(loaded(ids)), first_output(cm(ids)))
 
 
 def test_inline_restores_the_graph(captured):

@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
+from fusion_helpers import first_output
 
 import kompakt
 import kompakt.passes.fuse.fuse_elementwise  # noqa: F401  (registers the pass)
@@ -44,10 +45,6 @@ def _compile(captured, name, pipeline, backend="reference", device="cpu"):
         progress=False,
         device=device,
     )
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _groups(model) -> collections.Counter:
@@ -98,7 +95,7 @@ def test_fused_model_computes_exactly_what_the_unfused_one_does(captured, name, 
     assert _groups(fused.ir)
     for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
         ids = tokens(shape)
-        assert torch.equal(_first(fused(ids)), _first(plain(ids)))
+        assert torch.equal(first_output(fused(ids)), first_output(plain(ids)))
 
 
 def test_gpt2_refuses_the_residual_adds_that_would_close_a_cycle(captured):
@@ -117,7 +114,7 @@ def test_export_inlines_the_groups_back_to_standard_onnx(captured, tmp_path):
     ids = tokens(EXAMPLE_SHAPE)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), _first(cm(ids)), rtol=1e-3, atol=2e-2)
+    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-3, atol=2e-2)
 
 
 @pytest.mark.parametrize(
@@ -132,7 +129,7 @@ def test_triton_backend_runs_each_group_as_one_kernel(captured, name, pipeline, 
     reference = _compile(captured, name, pipeline, device=DEVICE)
     for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
         ids = tokens(shape)
-        got, want = _first(triton(ids)), _first(reference(ids))
+        got, want = first_output(triton(ids)), first_output(reference(ids))
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     summary = triton._backend.summary()
     assert kernels in summary and "pointwise" in summary

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
+from fusion_helpers import compile_for_gpu, first_output
 from onnx import TensorProto, helper, numpy_helper
 
 import kompakt
@@ -34,17 +35,6 @@ EXPECTED = {
 }
 
 
-def _compile(model, pipeline, backend="reference", **options):
-    options.setdefault("estimate_latency", False)  # a model run per compile: not needed here
-    return kompakt.compile(
-        model, target="a100", pipeline=pipeline, backend=backend, progress=False, **options
-    )
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _norms(model):
     return [n for n in model.graph if is_fused(n) and pattern_of(n) == "norm"]
 
@@ -56,7 +46,7 @@ def _notes(cm):
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_norms_are_found_and_compute_exactly_what_the_unfused_model_does(captured, name):
     kind, count, with_residual, two_outputs = EXPECTED[name]
-    cm = _compile(captured(name), NORM)
+    cm = compile_for_gpu(captured(name), NORM)
     norms = _norms(cm.ir)
     assert len(norms) == count
     assert {n.attributes["kind"].as_string() for n in norms} == {kind}
@@ -74,24 +64,24 @@ def test_norms_are_found_and_compute_exactly_what_the_unfused_model_does(capture
         assert eps == pytest.approx(1e-6 if kind == "rms" else (1e-12 if name == "bert" else 1e-5))
     leftover = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "LayerNormalization"}
     assert not [n.op_type for n in cm.ir.graph if n.op_type in leftover]
-    plain = _compile(captured(name), PLAIN)
+    plain = compile_for_gpu(captured(name), PLAIN)
     for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
         ids = tokens(shape)
-        assert torch.equal(_first(cm(ids)), _first(plain(ids)))
+        assert torch.equal(first_output(cm(ids)), first_output(plain(ids)))
     # Inlined again, the graph is the unfused one, node for node.
     ops = collections.Counter(n.op_type for n in inline_fused(cm.ir).graph)
     assert ops == collections.Counter(n.op_type for n in plain.ir.graph)
 
 
 def test_export_when_a_norm_writes_a_graph_output(captured, tmp_path):
-    cm = _compile(captured("bert"), NORM)  # last_hidden_state is the last LayerNorm's output
+    cm = compile_for_gpu(captured("bert"), NORM)  # last_hidden_state is the last LayerNorm's output
     assert any(v.producer() in _norms(cm.ir) for v in cm.ir.graph.outputs)
     proto = onnx.load(cm.export_onnx(tmp_path / "m.onnx"))
     assert not any(n.domain == "kompakt" for n in proto.graph.node)
 
 
 def test_groups_stay_convex_and_sorted(captured):
-    cm = _compile(captured("llama"), NORM)
+    cm = compile_for_gpu(captured("llama"), NORM)
     produced = {id(v) for v in cm.ir.graph.inputs} | {
         id(v) for v in cm.ir.graph.initializers.values()
     }
@@ -101,7 +91,7 @@ def test_groups_stay_convex_and_sorted(captured):
 
 
 def test_residual_can_be_left_out(captured):
-    cm = _compile(captured("llama"), NORM + "{residual=false}")
+    cm = compile_for_gpu(captured("llama"), NORM + "{residual=false}")
     norms = _norms(cm.ir)
     assert len(norms) == 5
     assert not any(n.attributes["has_residual"].value for n in norms)
@@ -110,14 +100,14 @@ def test_residual_can_be_left_out(captured):
 
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_export_is_standard_onnx_that_onnxruntime_runs(captured, tmp_path, name):
-    cm = _compile(captured(name), NORM)
+    cm = compile_for_gpu(captured(name), NORM)
     path = cm.export_onnx(tmp_path / "m.onnx")
     proto = onnx.load(path)
     assert not any(n.domain == "kompakt" for n in proto.graph.node)
     ids = tokens(OTHER_SHAPE)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), _first(cm(ids)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -128,11 +118,11 @@ def test_export_is_standard_onnx_that_onnxruntime_runs(captured, tmp_path, name)
 def test_triton_backend_runs_the_norm_kernel(captured, name, pipeline):
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton = _compile(captured(name), pipeline, backend="triton", device=device)
-    reference = _compile(captured(name), pipeline, device=device)
+    triton = compile_for_gpu(captured(name), pipeline, backend="triton", device=device)
+    reference = compile_for_gpu(captured(name), pipeline, device=device)
     for shape in (EXAMPLE_SHAPE, (1, 1)):  # batch 1, sequence 1: one row
         ids = tokens(shape)
-        got, want = _first(triton(ids)), _first(reference(ids))
+        got, want = first_output(triton(ids)), first_output(reference(ids))
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     summary = triton._backend.summary()
     assert "norm x5" in summary and "fell back" not in summary
@@ -208,13 +198,13 @@ def _feeds(dtype, shape=(2, 3)):
 def test_fp16_rms_with_casts_and_div_runs_on_triton():
     pytest.importorskip("triton")
     model, _ = _rms_model(fp16=True)
-    cm = _compile(model, NORM)
+    cm = compile_for_gpu(model, NORM)
     (node,) = _norms(cm.ir)
     assert sorted(n.op_type for n in body_of(node)).count("Cast") == 2
     assert list(node.attributes["roles"].as_strings())[:2] == ["x", "residual"]
     assert list(node.attributes["output_roles"].as_strings()) == ["summed", "out"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton = _compile(model, NORM, backend="triton", device=device)
+    triton = compile_for_gpu(model, NORM, backend="triton", device=device)
     for shape in ((2, 3), (1, 1)):
         h, r = (t.to(device) for t in _feeds(torch.float16, shape))
         (y, x), (y_ref, x_ref) = triton(h, r), cm(h, r)
@@ -234,11 +224,11 @@ def test_fp16_rms_with_casts_and_div_runs_on_triton():
 def test_rms_spellings_fuse_and_run_on_triton(square, inverse, roles):
     pytest.importorskip("triton")
     model, _ = _rms_model(square=square, inverse=inverse)
-    cm = _compile(model, NORM)
+    cm = compile_for_gpu(model, NORM)
     (node,) = _norms(cm.ir)
     assert list(node.attributes["roles"].as_strings()) == ["x", "residual", *roles]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton = _compile(model, NORM, backend="triton", device=device)
+    triton = compile_for_gpu(model, NORM, backend="triton", device=device)
     h, r = (t.to(device) for t in _feeds(torch.float32))
     for got, want in zip(triton(h, r), cm(h, r), strict=True):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
@@ -255,7 +245,7 @@ def test_rms_spellings_fuse_and_run_on_triton(square, inverse, roles):
 )
 def test_rms_patterns_the_kernel_cannot_take_are_left_alone(kwargs, reason):
     model, _ = _rms_model(**kwargs)
-    cm = _compile(model, NORM)
+    cm = compile_for_gpu(model, NORM)
     assert not _norms(cm.ir)
     assert any(reason in note for note in _notes(cm)), _notes(cm)
 
@@ -280,7 +270,7 @@ def _layer_norm_model(axis, same_weight_and_bias=False):
 
 
 def test_layer_norm_over_other_axes_is_left_alone():
-    cm = _compile(_layer_norm_model(axis=1), NORM)
+    cm = compile_for_gpu(_layer_norm_model(axis=1), NORM)
     assert not _norms(cm.ir)
     assert any("over axis 1" in note for note in _notes(cm))
 
@@ -288,17 +278,17 @@ def test_layer_norm_over_other_axes_is_left_alone():
 def test_one_constant_as_weight_and_bias_binds():
     pytest.importorskip("triton")
     model = _layer_norm_model(axis=-1, same_weight_and_bias=True)
-    cm = _compile(model, NORM)
+    cm = compile_for_gpu(model, NORM)
     (node,) = _norms(cm.ir)
     assert list(node.attributes["roles"].as_strings()) == ["x", "weight+bias"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton = _compile(model, NORM, backend="triton", device=device)
+    triton = compile_for_gpu(model, NORM, backend="triton", device=device)
     x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(triton(x.to(device)).cpu(), cm(x), rtol=1e-5, atol=1e-5)
 
 
 def _mutated(captured, edit):
-    model = _compile(captured("llama"), NORM).ir.clone()
+    model = compile_for_gpu(captured("llama"), NORM).ir.clone()
     node = next(n for n in _norms(model) if len(n.outputs) == 2)
     edit(node)
     return node
@@ -316,8 +306,13 @@ def _mutated(captured, edit):
         (lambda n: _set_roles(n, {"weight": "scale"}), "unknown role 'scale'"),
         (lambda n: _set_roles(n, {"x": "eps"}), "no input has the role 'x'"),
         (lambda n: n.attributes.pop("roles"), "'roles' must name"),
-        (lambda n: setattr(n.outputs[1], "dtype", ir.DataType.FLOAT16), "the kernel writes"),
-        (lambda n: setattr(n.inputs[0], "dtype", ir.DataType.INT64), "x '"),
+        # new type objects: a clone shares its values' type objects with the original, so
+        # setting .dtype in place would change the session's captured model too
+        (
+            lambda n: setattr(n.outputs[1], "type", ir.TensorType(ir.DataType.FLOAT16)),
+            "the kernel writes",
+        ),
+        (lambda n: setattr(n.inputs[0], "type", ir.TensorType(ir.DataType.INT64)), "x '"),
     ],
 )
 def test_binder_rejects_what_the_kernel_cannot_take(captured, edit, message):

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
+from fusion_helpers import first_output
 
 import kompakt
 import kompakt.passes.fuse.merge_projections  # noqa: F401  (registers the pass)
@@ -30,10 +31,6 @@ def _compile(model, pipeline, backend="reference", **options):
     return kompakt.compile(
         model, target="a100", pipeline=pipeline, backend=backend, progress=False, **options
     )
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _notes(cm, name="merge-projections"):
@@ -70,7 +67,9 @@ def test_llama_projections_merge_per_layer(captured, pipeline):
     for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
         ids = tokens(shape)
         # a wider GEMM may sum K in another order: allow a few ulps
-        torch.testing.assert_close(_first(cm(ids)), _first(plain(ids)), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            first_output(cm(ids)), first_output(plain(ids)), rtol=1e-6, atol=1e-6
+        )
 
 
 def test_merged_projections_fuse_and_run_on_triton(captured):
@@ -88,9 +87,9 @@ def test_merged_projections_fuse_and_run_on_triton(captured):
     unmerged = _compile(captured("llama"), QUANT)
     triton = _compile(captured("llama"), pipeline, backend="triton", device=device)
     ids = tokens(EXAMPLE_SHAPE)
-    want = _first(reference(ids))
-    torch.testing.assert_close(want, _first(unmerged(ids)), rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(_first(triton(ids)).cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
+    want = first_output(reference(ids))
+    torch.testing.assert_close(want, first_output(unmerged(ids)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(first_output(triton(ids)).cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     assert "dequant_matmul x8" in triton._backend.summary()
 
 
@@ -104,7 +103,7 @@ def test_export_is_standard_onnx_that_onnxruntime_runs(captured, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids = tokens(EXAMPLE_SHAPE)
     got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), _first(cm(ids)), rtol=1e-3, atol=2e-2)
+    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-3, atol=2e-2)
 
 
 def test_min_group_leaves_smaller_groups_alone(captured):
@@ -203,4 +202,6 @@ def test_bias_adds_stay_after_the_split(captured):
     assert consumers == [["Add"]] * 3  # Qwen2's q/k/v biases, one Add per projection
     plain = _compile(captured("qwen2"), FLOAT)
     ids = tokens(EXAMPLE_SHAPE)
-    torch.testing.assert_close(_first(cm(ids)), _first(plain(ids)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        first_output(cm(ids)), first_output(plain(ids)), rtol=1e-6, atol=1e-6
+    )

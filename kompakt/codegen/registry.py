@@ -20,6 +20,7 @@ BINDERS: dict[str, str] = {
     "dequant_matmul": "kompakt.codegen.dequant_matmul.bind:bind",
     "pointwise": "kompakt.codegen.pointwise.bind:bind",
     "norm": "kompakt.codegen.norm.bind:bind",
+    "attention": "kompakt.codegen.attention.bind:bind",
 }
 
 

@@ -9,6 +9,7 @@ from kompakt.passes.cleanup import (  # noqa: F401
     remove_dead_code,
 )
 from kompakt.passes.fuse import (  # noqa: F401
+    fuse_attention,
     fuse_dequant_matmul,
     fuse_elementwise,
     fuse_norm,

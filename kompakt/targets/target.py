@@ -65,8 +65,9 @@ class Target:
         - ``fp8``: E4M3 weights and activations, static per-tensor activation scales unless
           ``dynamic``;
         - ``lorc``: a low-rank correction of the weights' quantization error after them;
-        - GPU devices: fusion last (``fuse-dequant-matmul`` for weight-only schemes), which the
-          triton backend runs as one kernel per fused group.
+        - GPU devices: fusion last (``fuse-dequant-matmul`` for weight-only schemes, then
+          ``fuse-norm`` and ``fuse-attention``), which the triton backend runs as one kernel per
+          fused group.
 
         Raises:
             TargetError: The recipe asks for something this build has no pass for.
@@ -119,7 +120,9 @@ class Target:
         if self.device.kind != "gpu":
             return []
         weight_only = (r.weight_bits or r.average_bits) and not (r.activation_bits or r.fp8)
-        return ["fuse-dequant-matmul"] if weight_only else []
+        # infer-shapes first: the attention fusion proves broadcasts from the inferred shapes
+        fusions = ["infer-shapes"] + (["fuse-dequant-matmul"] if weight_only else [])
+        return fusions + ["fuse-norm", "fuse-attention"]
 
     def _weight_pass(self, calibrated: bool) -> str:
         r = self.recipe

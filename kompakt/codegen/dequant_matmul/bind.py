@@ -15,22 +15,20 @@ import onnx_ir as ir
 import torch
 
 from kompakt.codegen.autotune import AutotuneCache
+from kompakt.codegen.binding import input_roles
 from kompakt.codegen.dequant_matmul.layout import pack
 from kompakt.codegen.dequant_matmul.spec import choose_config
 from kompakt.codegen.dequant_matmul.tuning import cache_key, heuristic, launch_choice
-from kompakt.errors import CodegenError
 from kompakt.ir.fused import body_of
 from kompakt.ir.tensors import to_torch, torch_dtype
 
+_ROLES = ("q", "scale", "zero", "x", "bias", "residual")
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
 
 def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     """A kernel closure taking the fused node's inputs (weights are ignored: packed already)."""
-    roles = list(node.attributes["roles"].value)
-    index = {role: i for i, role in enumerate(roles)}
-    if "other" in index:
-        raise CodegenError(f"fused node '{node.name}' has an input of unknown role")
+    index = input_roles(node, _ROLES, f"dequant-matmul node '{node.name}'")
     q_value, scale_value = node.inputs[index["q"]], node.inputs[index["scale"]]
     zero_value = node.inputs[index["zero"]] if "zero" in index else None
     x_value = node.inputs[index["x"]]

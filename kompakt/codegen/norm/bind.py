@@ -15,6 +15,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 import torch
 
+from kompakt.codegen.binding import input_roles
 from kompakt.errors import CodegenError
 
 _DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
@@ -33,7 +34,7 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
     eps = eps_attr.as_float() if eps_attr is not None else math.nan
     if not eps >= 0.0:  # also NaN: a missing attribute
         raise CodegenError(f"{where}: eps must be a float >= 0, got {eps_attr}")
-    index = _roles(node, where)
+    index = input_roles(node, _KNOWN_ROLES, where)
     for required in ("x", "weight"):
         if required not in index:
             raise CodegenError(f"{where}: no input has the role '{required}'")
@@ -92,20 +93,6 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
         return tuple(summed if role == "summed" else out for role in outputs)
 
     return kernel
-
-
-def _roles(node: ir.Node, where: str) -> dict[str, int]:
-    """role -> input index; an input may fill several roles (``weight+bias``)."""
-    roles = _strings(node, "roles")
-    if roles is None or len(roles) != len(node.inputs):
-        raise CodegenError(f"{where}: 'roles' must name each of its {len(node.inputs)} inputs")
-    index: dict[str, int] = {}
-    for i, combined in enumerate(roles):
-        for role in combined.split("+"):
-            if role not in _KNOWN_ROLES:
-                raise CodegenError(f"{where}: input {i} has the unknown role '{role}'")
-            index[role] = i
-    return index
 
 
 def _string(node: ir.Node, name: str) -> str | None:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from kompakt.ir.fused import fuse_nodes
 from kompakt.passes.base import CompileContext, Pass, PassResult
+from kompakt.passes.fuse.match import other_input, same_shape, single_consumer
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -103,13 +104,6 @@ def _why_not(dq: ir.Node, matmul: ir.Node) -> str | None:
     return None
 
 
-def _single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
-    uses = value.uses()
-    if len(uses) != 1 or value in graph.outputs:
-        return None
-    return uses[0].node
-
-
 def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
     """The group (dq, matmul, epilogue nodes), the role of each outside input, the attributes."""
     roles: dict[ir.Value, str] = {dq.inputs[0]: "q", dq.inputs[1]: "scale", matmul.inputs[0]: "x"}
@@ -121,8 +115,8 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
     n = dq.inputs[0].const_value.shape[1]
     if epilogues:
         # bias: Add with a constant [N]
-        nxt = _single_consumer(y, graph)
-        other = _other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
+        nxt = single_consumer(y, graph)
+        other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
         if other is not None and other.const_value is not None and other.shape == ir.Shape([n]):
             roles[other] = "bias"
             group.append(nxt)
@@ -131,9 +125,9 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         if act_nodes:
             group.extend(act_nodes)
             y = act_nodes[-1].outputs[0]
-        nxt = _single_consumer(y, graph)
-        other = _other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
-        if other is not None and other.const_value is None and _same_shape(other, y):
+        nxt = single_consumer(y, graph)
+        other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
+        if other is not None and other.const_value is None and same_shape(other, y):
             roles[other] = "residual"
             group.append(nxt)
             has_residual = True
@@ -143,21 +137,6 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         ir.AttrInt64("has_residual", int(has_residual)),
     ]
     return group, roles, attrs
-
-
-def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
-    if len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if a is value and b is not value:
-        return b
-    if b is value and a is not value:
-        return a
-    return None
-
-
-def _same_shape(a: ir.Value, b: ir.Value) -> bool:
-    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
 
 
 def _activation(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:
@@ -176,7 +155,7 @@ def _activation(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:
         if (
             sig is not None
             and mul is not None
-            and _single_consumer(sig.outputs[0], graph) is mul
+            and single_consumer(sig.outputs[0], graph) is mul
             and set(map(id, mul.inputs)) == {id(y), id(sig.outputs[0])}
         ):
             return [sig, mul], "silu"

@@ -16,6 +16,14 @@ import onnx_ir as ir
 from kompakt.ir.fused import body_of, fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
+from kompakt.passes.fuse.match import (
+    const_scalar,
+    const_tensor,
+    is_op,
+    other_input,
+    same_shape,
+    single_consumer,
+)
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -92,14 +100,14 @@ class _Match:
 def _match_rms(reduce: ir.Node, graph: ir.Graph) -> _Match | str | None:
     """The RMSNorm around ``reduce``; None when it is no mean of squares (no note: other means)."""
     square = reduce.inputs[0].producer() if reduce.inputs and reduce.inputs[0] else None
-    if _is(square, "Mul") and square.inputs[0] is not square.inputs[1]:
+    if is_op(square, "Mul") and square.inputs[0] is not square.inputs[1]:
         return None
-    if not (_is(square, "Pow") or _is(square, "Mul")):
+    if not (is_op(square, "Pow") or is_op(square, "Mul")):
         return None
-    if _single_consumer(square.outputs[0], graph) is not reduce:
+    if single_consumer(square.outputs[0], graph) is not reduce:
         return "the squares are read elsewhere too"
     xc = square.inputs[0]
-    if square.op_type == "Pow" and (exponent := _scalar(square.inputs[1])) != 2.0:
+    if square.op_type == "Pow" and (exponent := const_scalar(square.inputs[1])) != 2.0:
         return f"a mean of Pow(x, {exponent}), not of squares"
     if xc is None or xc.dtype not in _FLOAT or xc.shape is None or len(xc.shape) == 0:
         return "the normalized tensor is not a float tensor of known rank"
@@ -109,34 +117,34 @@ def _match_rms(reduce: ir.Node, graph: ir.Graph) -> _Match | str | None:
         return f"ReduceMean over axes {axes} (the kernel reduces the last axis only)"
     if _int_attr(reduce, "keepdims", 1) != 1:
         return "ReduceMean without keepdims"
-    add = _single_consumer(reduce.outputs[0], graph)
-    eps_value = _other_input(add, reduce.outputs[0]) if _is(add, "Add") else None
-    eps = _scalar(eps_value)
+    add = single_consumer(reduce.outputs[0], graph)
+    eps_value = other_input(add, reduce.outputs[0]) if is_op(add, "Add") else None
+    eps = const_scalar(eps_value)
     if eps is None:
         return "the mean of squares is not followed by Add(eps) with a scalar constant eps"
-    sqrt = _single_consumer(add.outputs[0], graph)
-    if not _is(sqrt, "Sqrt"):
+    sqrt = single_consumer(add.outputs[0], graph)
+    if not is_op(sqrt, "Sqrt"):
         return "no Sqrt after Add(eps)"
-    inv = _single_consumer(sqrt.outputs[0], graph)
+    inv = single_consumer(sqrt.outputs[0], graph)
     nodes = [square, reduce, add, sqrt]
-    if _is(inv, "Div") and inv.inputs[0] is xc and inv.inputs[1] is sqrt.outputs[0]:
+    if is_op(inv, "Div") and inv.inputs[0] is xc and inv.inputs[1] is sqrt.outputs[0]:
         normed = inv  # x / sqrt(...)
     else:
-        one_over = _is(inv, "Div") and inv.inputs[1] is sqrt.outputs[0]
-        if not _is(inv, "Reciprocal") and not (one_over and _scalar(inv.inputs[0]) == 1.0):
+        one_over = is_op(inv, "Div") and inv.inputs[1] is sqrt.outputs[0]
+        if not is_op(inv, "Reciprocal") and not (one_over and const_scalar(inv.inputs[0]) == 1.0):
             return "the root is not inverted (Reciprocal, Div(1, .), Div(x, .))"
-        normed = _single_consumer(inv.outputs[0], graph)
-        if not _is(normed, "Mul") or _other_input(normed, inv.outputs[0]) is not xc:
+        normed = single_consumer(inv.outputs[0], graph)
+        if not is_op(normed, "Mul") or other_input(normed, inv.outputs[0]) is not xc:
             return "the inverse root does not multiply the normalized tensor"
         nodes.append(inv)
     nodes.append(normed)
     y = normed.outputs[0]
-    cast_back = _single_consumer(y, graph)
-    if _is(cast_back, "Cast"):  # fp16 models round the normalized value before the weight
+    cast_back = single_consumer(y, graph)
+    if is_op(cast_back, "Cast"):  # fp16 models round the normalized value before the weight
         nodes.append(cast_back)
         y = cast_back.outputs[0]
-    scale = _single_consumer(y, graph)
-    weight = _other_input(scale, y) if _is(scale, "Mul") else None
+    scale = single_consumer(y, graph)
+    weight = other_input(scale, y) if is_op(scale, "Mul") else None
     d = xc.shape[-1]
     if weight is None or not _is_vector(weight, d):
         return f"the weight is not a constant [{d}] multiplying the normalized tensor"
@@ -190,7 +198,7 @@ def _take_input_cast(found: _Match, graph: ir.Graph, readers: set[int]) -> None:
     """Takes ``x = Cast(x0, to=float)`` into the group when only the norm reads x and the norm
     writes x0's dtype (HF's fp16 RMSNorm: upcast, normalize in fp32, cast back, scale)."""
     cast = found.x.producer()
-    if not _is(cast, "Cast") or found.x in graph.outputs or cast.inputs[0] is None:
+    if not is_op(cast, "Cast") or found.x in graph.outputs or cast.inputs[0] is None:
         return
     if {id(u.node) for u in found.x.uses()} != readers:
         return
@@ -207,12 +215,18 @@ def _take_residual(found: _Match, graph: ir.Graph) -> None:
     through the sum and come back into it.
     """
     add = found.x.producer()
-    if not _is(add, "Add") or len(add.inputs) != 2:
+    if not is_op(add, "Add") or len(add.inputs) != 2:
         return
     a, b = add.inputs
-    if a is None or b is None or a is b or _const(a) is not None or _const(b) is not None:
+    if (
+        a is None
+        or b is None
+        or a is b
+        or const_tensor(a) is not None
+        or const_tensor(b) is not None
+    ):
         return
-    if not (_same_shape(a, found.x) and _same_shape(b, found.x)):
+    if not (same_shape(a, found.x) and same_shape(b, found.x)):
         return  # a broadcast add (position embeddings): not a residual stream
     inside = {id(n) for n in found.nodes}
     if any(id(u.node) not in inside for u in found.x.uses()) or found.x in graph.outputs:
@@ -240,50 +254,8 @@ def _fuse(model: ir.Model, found: _Match) -> ir.Node:
     return node
 
 
-def _is(node: ir.Node | None, op: str) -> bool:
-    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
-
-
-def _single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
-    uses = value.uses()
-    if len(uses) != 1 or value in graph.outputs:
-        return None
-    return uses[0].node
-
-
-def _other_input(node: ir.Node | None, value: ir.Value) -> ir.Value | None:
-    if node is None or len(node.inputs) != 2:
-        return None
-    a, b = node.inputs
-    if a is value and b is not value:
-        return b
-    if b is value and a is not value:
-        return a
-    return None
-
-
-def _const(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The value's constant tensor: an initializer's, or a ``Constant`` node's ``value``."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value
-    producer = value.producer()
-    if _is(producer, "Constant") and not producer.inputs:
-        attr = producer.attributes.get("value")
-        return attr.as_tensor() if attr is not None else None
-    return None
-
-
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = _const(value)
-    if tensor is None or tensor.size != 1:
-        return None
-    return float(to_torch(tensor).reshape(()).item())
-
-
 def _is_vector(value: ir.Value, d: object) -> bool:
-    tensor = _const(value)
+    tensor = const_tensor(value)
     return (
         tensor is not None
         and isinstance(d, int)
@@ -294,7 +266,7 @@ def _is_vector(value: ir.Value, d: object) -> bool:
 
 def _reduce_axes(reduce: ir.Node) -> list[int] | None:
     if len(reduce.inputs) > 1 and reduce.inputs[1] is not None:  # opset >= 18: an input
-        tensor = _const(reduce.inputs[1])
+        tensor = const_tensor(reduce.inputs[1])
         return None if tensor is None else [int(a) for a in to_torch(tensor).reshape(-1)]
     attr = reduce.attributes.get("axes")  # opset < 18: an attribute
     return None if attr is None else [int(a) for a in attr.as_ints()]
@@ -302,7 +274,3 @@ def _reduce_axes(reduce: ir.Node) -> list[int] | None:
 
 def _int_attr(node: ir.Node, name: str, default: int) -> int:
     return node.attributes.get_int(name, default)
-
-
-def _same_shape(a: ir.Value, b: ir.Value) -> bool:
-    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)

@@ -1,0 +1,59 @@
+"""Small graph questions every fusion pattern asks: is this node that op, is that value a
+constant, who reads it, what is the Add's other operand."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from kompakt.ir.tensors import to_torch
+
+
+def is_op(node: ir.Node | None, op: str) -> bool:
+    """``node`` is the standard ONNX op ``op``."""
+    return node is not None and node.op_type == op and node.domain in ("", "ai.onnx")
+
+
+def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The value's constant tensor: an initializer's, or a ``Constant`` node's ``value``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value
+    producer = value.producer()
+    if is_op(producer, "Constant") and not producer.inputs:
+        attr = producer.attributes.get("value")
+        return attr.as_tensor() if attr is not None else None
+    return None
+
+
+def const_scalar(value: ir.Value | None) -> float | None:
+    """A constant of exactly one element, as a float."""
+    tensor = const_tensor(value)
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(to_torch(tensor).reshape(()).item())
+
+
+def single_consumer(value: ir.Value, graph: ir.Graph) -> ir.Node | None:
+    """The one node reading ``value``, if exactly one does and it is not a graph output."""
+    uses = value.uses()
+    if len(uses) != 1 or value in graph.outputs:
+        return None
+    return uses[0].node
+
+
+def other_input(node: ir.Node | None, value: ir.Value) -> ir.Value | None:
+    """The second operand of a two-input node one of whose inputs is ``value`` (not both)."""
+    if node is None or len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if a is value and b is not value:
+        return b
+    if b is value and a is not value:
+        return a
+    return None
+
+
+def same_shape(a: ir.Value, b: ir.Value) -> bool:
+    """Both shapes known and equal dim for dim (symbolic dims by name)."""
+    return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
