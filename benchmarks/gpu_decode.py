@@ -159,8 +159,8 @@ def generate_seconds(compiled, prompt: torch.Tensor, new_tokens: int) -> float:
 
 
 def kompakt_rows(model, prompts: dict, new_tokens: int, repeats: int, preset: str):
-    """Rows for kompakt fp16 and -w4, or the reason there are none. Assumes generate(input_ids,
-    max_new_tokens=...) as HF's, without a per-token hook: decode time from two call lengths."""
+    """Rows for kompakt fp16 and -w4, or the reason there are none. `CompiledModel.generate`
+    has no per-token hook: decode time comes from two call lengths."""
     from kompakt.runtime.compiled_model import CompiledModel
 
     if not hasattr(CompiledModel, "generate"):
@@ -172,7 +172,12 @@ def kompakt_rows(model, prompts: dict, new_tokens: int, repeats: int, preset: st
         try:
             example = {"input_ids": next(iter(prompts.values()))}
             compiled = kompakt.compile(
-                model, example, target=target, backend="triton", estimate_latency=False
+                model,
+                example,
+                target=target,
+                backend="triton",
+                estimate_latency=False,
+                kv_cache=PROMPT + new_tokens,  # static cache: prefill, then one token a step
             )
             for batch, p in prompts.items():
                 long_s = median_of(

@@ -14,6 +14,7 @@ import torch
 from kompakt.errors import KompaktError, did_you_mean
 from kompakt.ir.metadata import PIPELINE_KEY, TARGET_KEY
 from kompakt.lowering import capture_module, load_onnx
+from kompakt.lowering.kv_cache import capture_with_cache, with_empty_caches
 from kompakt.lowering.normalize import normalize
 from kompakt.passes.base import CompileContext
 from kompakt.passes.calibrate.batches import missing_calibration
@@ -38,6 +39,8 @@ OPTIONS = {
     "progress": "show progress bars on long passes (default True)",
     "seed": "seed for anything random (default 0)",
     "estimate_latency": "run the model once at the example shapes to predict its time (default True)",
+    "kv_cache": "capture a causal LM with a static KV cache of this many positions, for "
+    "CompiledModel.generate",
 }
 
 
@@ -99,7 +102,13 @@ def compile(  # noqa: A001  (the name users expect: kompakt.compile)
 
     show = options.get("progress", True)
     status(f"capturing {_describe(model)} ...", show)
-    captured = _capture(model, example_inputs, options.get("dynamic_shapes"))
+    kv_cache = options.get("kv_cache")
+    if kv_cache is not None:
+        captured, spec = _capture_with_cache(model, example_inputs, kv_cache)
+        if calibration is not None:
+            calibration = with_empty_caches(spec, calibration)
+    else:
+        captured = _capture(model, example_inputs, options.get("dynamic_shapes"))
     feeds, shapes_note = _example_feeds(captured, example_inputs)
     cost = CostModel(target.device)
     estimate = options.get("estimate_latency", True)
@@ -192,6 +201,20 @@ def _capture(model: Any, example_inputs: Any, dynamic_shapes: Any) -> ir.Model:
         "model must be a torch.nn.Module, a path to an .onnx file, an onnx.ModelProto or an "
         f"onnx_ir.Model; got {type(model).__name__}"
     )
+
+
+def _capture_with_cache(model: Any, example_inputs: Any, max_length: Any):
+    if not isinstance(model, torch.nn.Module):
+        raise KompaktError(
+            "kv_cache= captures a PyTorch causal LM; ONNX models bring their own cache inputs"
+        )
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise KompaktError(f"kv_cache must be the cache length (an int >= 1), got {max_length!r}")
+    ids = example_inputs[0] if isinstance(example_inputs, (tuple, list)) else example_inputs
+    if isinstance(example_inputs, Mapping):
+        ids = example_inputs.get("input_ids")
+    batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else 1
+    return capture_with_cache(model, batch=batch, max_length=max_length)
 
 
 def _example_feeds(captured: ir.Model, example_inputs: Any) -> tuple[dict[str, torch.Tensor], str]:

@@ -62,6 +62,17 @@ class LatencyEstimate:
 
 
 @dataclass
+class KernelTime:
+    """One step of a run (a fused kernel or an op run through torch): predicted vs measured."""
+
+    node: str
+    op: str
+    module: str
+    predicted: float
+    measured: float
+
+
+@dataclass
 class Report:
     target: str
     device: str
@@ -73,6 +84,9 @@ class Report:
     latency_before: LatencyEstimate | None = None
     latency_after: LatencyEstimate | None = None
     latency_note: str = ""
+    backend_notes: str = ""  # what the backend runs how (the triton backend's kernel summary)
+    kernel_times: list[KernelTime] = field(default_factory=list)
+    kernel_times_note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +102,7 @@ class Report:
                 est = dict(data[key])
                 est["nodes"] = [NodeCost(**n) for n in est.get("nodes", [])]
                 data[key] = LatencyEstimate(**est)
+        data["kernel_times"] = [KernelTime(**k) for k in data.get("kernel_times", [])]
         return cls(**data)
 
     def __str__(self) -> str:
@@ -185,7 +200,35 @@ def render(report: Report, verbose: bool = False) -> str:
             out.append(
                 f"  {c.node[:40]:<40} {c.op[:18]:<18} {_time(c.seconds):>12} {c.bound:>9}  {c.module}"
             )
+    if report.backend_notes:
+        out += ["", f"{report.backend} backend:"]
+        out += [f"  {line}" for line in report.backend_notes.splitlines()]
+    out += render_kernel_times(report, limit)
     return "\n".join(out)
+
+
+def render_kernel_times(report: Report, limit: int | None = MAX_ROWS) -> list[str]:
+    """The predicted-vs-measured section (empty before `CompiledModel.profile` ran)."""
+    if not report.kernel_times:
+        return []
+    rows = sorted(report.kernel_times, key=lambda k: -k.measured)
+    shown = rows if limit is None else rows[:limit]
+    predicted = sum(k.predicted for k in rows)
+    measured = sum(k.measured for k in rows)
+    out = [
+        "",
+        f"predicted vs measured per kernel ({report.kernel_times_note}):",
+        f"  total: predicted {_time(predicted)}, measured {_time(measured)}",
+        f"  {'node':<40} {'op':<28} {'predicted':>12} {'measured':>12}  module",
+    ]
+    for k in shown:
+        out.append(
+            f"  {k.node[:40]:<40} {k.op[:28]:<28} {_time(k.predicted):>12} "
+            f"{_time(k.measured):>12}  {k.module}"
+        )
+    if len(shown) < len(rows):
+        out.append(f"  ... {len(rows) - len(shown)} more (render_report(verbose=True))")
+    return out
 
 
 def _dtypes(size: SizeStats) -> str:

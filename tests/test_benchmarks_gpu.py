@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder at the root, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import gpu_decode, gpu_kernels  # noqa: E402
+from benchmarks import gpu_autotune, gpu_decode, gpu_kernels  # noqa: E402
 from kompakt.codegen.dequant_matmul import dequant_matmul_reference, pack, unpack  # noqa: E402
 
-SCRIPTS = ["benchmarks.gpu_kernels", "benchmarks.gpu_decode"]
+SCRIPTS = ["benchmarks.gpu_kernels", "benchmarks.gpu_decode", "benchmarks.gpu_autotune"]
 
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -46,6 +46,11 @@ def test_without_cuda_exits_nonzero_saying_why(module, tmp_path):
     assert result.returncode != 0
     assert "a CUDA GPU is needed" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_autotune_gain_arithmetic():
+    assert gpu_autotune.gain(3e-5, 1e-5) == pytest.approx(3.0)
+    assert gpu_autotune.gain(1e-5, 0.0) != gpu_autotune.gain(1e-5, 0.0)  # nan, not a crash
 
 
 def test_bandwidth_and_speedup_arithmetic():

@@ -67,6 +67,22 @@ def test_int4_weights_are_charged_their_packed_bytes():
     assert costs["MatMul"].bytes == packed + activations
 
 
+def test_a_fused_group_is_charged_its_inputs_and_outputs_and_its_bodys_flops():
+    import kompakt.passes.builtin  # noqa: F401  (fuse-dequant-matmul)
+
+    model = matmul_model()
+    pipeline = "canonicalize,quantize-weights{bits=4,group-size=128},fuse-dequant-matmul"
+    PassManager(pipeline).run(model, CompileContext(progress=False))
+    shapes = {"x": (1, 4096), "y": (1, 4096), "z": (4096,)}
+    costs = {c.op: c for c in CostModel(get_device("h100")).estimate(model, shapes)}
+    fused = costs["FusedKernel[dequant_matmul]"]
+    groups = 4096 // 128
+    packed = 4096 * 4096 / 2 + groups * 4096 * 4 + groups * 4096 / 2
+    assert fused.bytes == packed + 4096 * 4 + 4096 * 4  # as the unfused MatMul was charged
+    # 2*M*N*K for the MatMul plus one operation per dequantized weight element
+    assert fused.flops == 2 * 4096 * 4096 + 4096 * 4096
+
+
 def test_faster_hardware_predicts_less_time():
     model = matmul_model()
     shapes = {"x": (1, 4096), "y": (1, 4096), "z": (4096,)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
+from fusion_helpers import first_output
 
 import kompakt
 from kompakt.errors import CodegenError, KompaktError
@@ -14,10 +15,6 @@ from kompakt.runtime.triton_backend import triton_available
 pytest.importorskip("triton")
 
 FUSED = "canonicalize,infer-shapes,quantize-weights{bits=4,group-size=16},fuse-dequant-matmul"
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _pair(captured, name, pipeline=FUSED):
@@ -33,12 +30,13 @@ def test_tiny_model_on_triton_matches_reference(captured, name):
     triton, reference = _pair(captured, name)
     for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
         ids = tokens(shape)
-        got, want = _first(triton(ids)), _first(reference(ids))
+        got, want = first_output(triton(ids)), first_output(reference(ids))
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-5)
     summary = triton._backend.summary()
     expected = 14 if name == "llama" else 13  # BERT: 6 per layer and the pooler
     assert f"dequant_matmul x{expected}" in summary
     assert "through torch:" in summary and "Softmax" in summary  # unfused ops are listed
+    assert f"triton backend:\n  {summary.splitlines()[0]}" in str(triton.report())
 
 
 def test_groups_a_family_rejects_run_their_body_through_torch(captured, monkeypatch):
@@ -48,7 +46,9 @@ def test_groups_a_family_rejects_run_their_body_through_torch(captured, monkeypa
     monkeypatch.setattr(triton_backend, "binder_for", lambda pattern: reject)
     triton, reference = _pair(captured, "llama")
     ids = tokens(EXAMPLE_SHAPE)
-    torch.testing.assert_close(_first(triton(ids)), _first(reference(ids)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        first_output(triton(ids)), first_output(reference(ids)), rtol=1e-5, atol=1e-6
+    )
     summary = triton._backend.summary()
     assert "triton kernels: none" in summary
     assert "FusedKernel[dequant_matmul] x14" in summary
@@ -64,3 +64,51 @@ def test_without_a_gpu_or_the_interpreter_the_backend_says_why(monkeypatch):
 def test_unknown_backend_lists_triton(captured):
     with pytest.raises(KompaktError, match="triton"):
         kompakt.compile(captured("llama"), target="a100", backend="tensorrt", progress=False)
+
+
+def test_profile_puts_predicted_and_measured_time_per_kernel_in_the_report(captured):
+    triton, _ = _pair(captured, "llama")
+    text = triton.profile(tokens(EXAMPLE_SHAPE), repeats=1)
+    assert text.startswith("predicted vs measured per kernel")
+    rows = triton.report().kernel_times
+    assert len(rows) == len(triton._backend.plan.steps)  # one row per launched step
+    fused = [r for r in rows if r.op == "FusedKernel[dequant_matmul]"]
+    assert len(fused) == 14
+    assert all(r.predicted > 0 and r.measured > 0 for r in fused)
+    assert {r.module for r in fused} >= {"model.layers.0.mlp.down_proj"}
+    assert "predicted vs measured per kernel" in str(triton.report())
+
+
+def test_profile_needs_a_backend_with_steps(captured):
+    cm = kompakt.compile(captured("llama"), target="cpu-w4", progress=False)
+    with pytest.raises(KompaktError, match="reference or triton backend"):
+        cm.profile(tokens(EXAMPLE_SHAPE))
+
+
+def test_gpu_target_default_pipeline_end_to_end(tiny):
+    """What a user gets from target="a100-w4": every fusion runs as a Triton kernel."""
+    model = tiny("llama")
+    ids = tokens(EXAMPLE_SHAPE)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(target="a100-w4", progress=False, device=device)
+    triton = kompakt.compile(model, (ids,), backend="triton", **common)
+    reference = kompakt.compile(model, (ids,), backend="reference", **common)
+    assert triton.pipeline.endswith("fuse-dequant-matmul,fuse-norm,fuse-attention")
+    summary = triton._backend.summary()
+    for family in ("attention x2", "dequant_matmul x14", "norm x5"):
+        assert family in summary
+    assert "fell back" not in summary
+    got, want = first_output(triton(ids)), first_output(reference(ids))
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_generate_on_the_triton_backend(tiny):
+    model = tiny("llama")
+    prompt = tokens((2, 5))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(target="a100", progress=False, device=device, kv_cache=16)
+    triton = kompakt.compile(model, (prompt,), backend="triton", **common)
+    assert "attention x2" in triton._backend.summary()
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert torch.equal(triton.generate(prompt, max_new_tokens=5).cpu(), want)

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import onnx_ir as ir
 
 from kompakt.errors import KompaktError
-from kompakt.ir.builder import unique_name
+from kompakt.ir.metadata import module_of
 
 DOMAIN = "kompakt"
 FUSED_KERNEL = "FusedKernel"
@@ -83,6 +83,10 @@ def fuse_nodes(
     if not escaping:
         raise KompaktError(f"cannot fuse '{pattern}': the group's results are not used")
 
+    # The deepest module path names the group (a q_proj MatMul, not the layer its residual
+    # Add belongs to).
+    primary = max(ordered, key=lambda n: module_of(n).count(".") + bool(module_of(n)))
+    module = module_of(primary)
     graph.remove(ordered, safe=False)
     body_inputs = [
         ir.Value(name=f"{v.name}:in", shape=v.shape, type=v.type, const_value=None)
@@ -104,8 +108,8 @@ def fuse_nodes(
             *attributes,
         ],
         num_outputs=len(escaping),
-        name=unique_name(graph, f"fused_{pattern}"),
-        metadata_props=dict(ordered[-1].metadata_props),
+        name=_node_name(graph, pattern, module),
+        metadata_props=dict(primary.metadata_props),
     )
     for inner, outer in zip(escaping, fused.outputs, strict=True):
         name = inner.name
@@ -123,6 +127,16 @@ def fuse_nodes(
     graph.sort()
     model.opset_imports.setdefault(DOMAIN, 1)
     return fused
+
+
+def _node_name(graph: ir.Graph, pattern: str, module: str) -> str:
+    """``<module>/fused_<pattern>``, numbered when the graph already has a node so named."""
+    base = f"{module}/fused_{pattern}" if module else f"fused_{pattern}"
+    taken = {n.name for n in graph}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def inline_fused(model: ir.Model) -> ir.Model:

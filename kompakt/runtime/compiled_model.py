@@ -11,10 +11,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from kompakt.errors import InputError, did_you_mean
+from kompakt.errors import InputError, KompaktError, did_you_mean
 from kompakt.ir.tensors import torch_dtype
 from kompakt.lowering.to_onnx import export_onnx
-from kompakt.report import Report, render
+from kompakt.report import Report, render, render_kernel_times
 from kompakt.runtime.backends import Backend, make_backend
 from kompakt.targets.target import Target
 
@@ -55,6 +55,11 @@ class CompiledModel:
         self.device = torch.device(device)
         self._backend: Backend = make_backend(backend, model, self.device)
         self._report = report or Report(str(target), target.device.description, backend, pipeline)
+        summary = getattr(self._backend, "summary", None)
+        # which groups run as generated kernels, which ops through torch (a loaded model's
+        # report may come from another backend)
+        self._report.backend = self._backend.name
+        self._report.backend_notes = summary() if summary is not None else ""
         self.inputs = [_spec(v) for v in model.graph.inputs if not v.is_initializer()]
         self.output_names = [v.name for v in model.graph.outputs]
 
@@ -94,6 +99,51 @@ class CompiledModel:
             expected = "; ".join(s.describe() for s in self.inputs if s.name in missing)
             raise InputError(f"missing input(s): {expected}")
         return {spec.name: _check(spec, given[spec.name]) for spec in self.inputs}
+
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options: Any
+    ) -> torch.Tensor:
+        """Prefill the prompt, then decode one token at a time from the static KV cache.
+
+        Needs a model compiled with ``kv_cache=<max length>``. Options: ``do_sample``,
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``
+        (as Hugging Face's ``generate``). Returns prompt and new tokens, ``[batch, S + new]``.
+        """
+        from kompakt.lowering.kv_cache import cache_spec_of
+        from kompakt.runtime.generation import generate
+
+        spec = cache_spec_of(self._model)
+        if spec is None:
+            raise InputError(
+                "this model has no KV cache inputs; compile it with "
+                "kompakt.compile(model, ..., kv_cache=<max length>) to generate"
+            )
+        return generate(self._backend.run, spec, input_ids, max_new_tokens, **options)
+
+    def profile(self, *args: Any, repeats: int = 3, **kwargs: Any) -> str:
+        """Times every kernel of one run on ``args`` next to the cost model's prediction.
+
+        Needs the reference or triton backend (ONNX Runtime runs the graph as one call). The rows
+        go into the report (``print(cm.report())``); the returned text is that section.
+        """
+        from kompakt.runtime.kernel_times import measure
+
+        plan = getattr(self._backend, "plan", None)
+        if plan is None:
+            raise KompaktError(
+                f"per-kernel times need the reference or triton backend, not '{self.backend}'"
+            )
+        feeds = {k: v.to(self.device) for k, v in self._feeds(args, kwargs).items()}
+        rows = measure(plan, feeds, self.target.device, self._model, repeats)
+        interpreted = self.backend == "triton" and self.device.type == "cpu"
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        where = "Triton interpreter on the CPU" if interpreted else str(self.device)
+        self._report.kernel_times = rows
+        self._report.kernel_times_note = (
+            f"{self.backend} backend on {where}, inputs {shapes}, median of {repeats}; "
+            f"predicted for {self.target.device.name}"
+        )
+        return "\n".join(render_kernel_times(self._report, None)).strip()
 
     def export_onnx(
         self, path: str | os.PathLike, external_data: bool | None = None, matmulnbits: bool = False

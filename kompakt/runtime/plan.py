@@ -90,6 +90,7 @@ class ExecutionPlan:
         self.output_names = [v.name for v in graph.outputs]
         self.steps = self._with_frees(raw_steps)
         self.num_slots = len(slots)
+        self.step_seconds: list[float] = []
 
     def _use(self, slots: dict[int, int], value: ir.Value, node: ir.Node | None) -> int:
         if id(value) not in slots:
@@ -117,9 +118,18 @@ class ExecutionPlan:
         ]
 
     def run(
-        self, feeds: Mapping[str, torch.Tensor], observer: Observer | None = None
+        self,
+        feeds: Mapping[str, torch.Tensor],
+        observer: Observer | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> list[torch.Tensor]:
-        """Runs the graph on ``feeds`` (every graph input by name); returns outputs in order."""
+        """Runs the graph on ``feeds`` (every graph input by name); returns outputs in order.
+
+        With ``clock`` (seconds; it must wait for the device on a GPU), each step is timed and
+        `step_seconds` holds the times of this run, one per step.
+        """
+        if clock is not None:
+            self.step_seconds = []
         env: list[torch.Tensor | None] = [None] * self.num_slots
         for s, tensor in self._constants.items():
             env[s] = tensor
@@ -127,12 +137,15 @@ class ExecutionPlan:
             env[s] = feeds[name]
         for step in self.steps:
             args = [None if s == _NONE else env[s] for s in step.inputs]
+            started = clock() if clock is not None else 0.0
             try:
                 result = step.kernel(*args)
             except KompaktError:
                 raise
             except Exception as err:  # a torch error inside a kernel: say where it happened
                 raise _kernel_failure(step.node, args, err) from err
+            if clock is not None:
+                self.step_seconds.append(clock() - started)
             results = (result,) if isinstance(result, torch.Tensor) else tuple(result)
             for s, tensor in zip(step.outputs, results, strict=False):
                 if s != _NONE:

@@ -184,4 +184,7 @@ def _producer_dtype(value: ir.Value) -> ir.DataType | None:
     producer = value.producer()
     if producer is None or not producer.inputs or producer.inputs[0] is None:
         return None
+    if is_fused(producer):  # the type of what the body computes there
+        inner = body_of(producer).outputs[value.index()]
+        return inner.dtype or _producer_dtype(inner)
     return producer.inputs[0].dtype
