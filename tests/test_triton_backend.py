@@ -93,9 +93,9 @@ def test_gpu_target_default_pipeline_end_to_end(tiny):
     common = dict(target="a100-w4", progress=False, device=device)
     triton = kompakt.compile(model, (ids,), backend="triton", **common)
     reference = kompakt.compile(model, (ids,), backend="reference", **common)
-    assert triton.pipeline.endswith("fuse-dequant-matmul,fuse-norm,fuse-attention")
+    assert triton.pipeline.endswith("fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention")
     summary = triton._backend.summary()
-    for family in ("attention x2", "dequant_matmul x14", "norm x5"):
+    for family in ("attention x2", "dequant_matmul x14", "norm x5", "rotary x4"):
         assert family in summary
     assert "fell back" not in summary
     got, want = first_output(triton(ids)), first_output(reference(ids))

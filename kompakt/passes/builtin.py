@@ -13,6 +13,7 @@ from kompakt.passes.fuse import (  # noqa: F401
     fuse_dequant_matmul,
     fuse_elementwise,
     fuse_norm,
+    fuse_rotary,
     merge_projections,
 )
 from kompakt.passes.lower import lower_to_matmulnbits  # noqa: F401

@@ -66,7 +66,7 @@ class Target:
           ``dynamic``;
         - ``lorc``: a low-rank correction of the weights' quantization error after them;
         - GPU devices: fusion last (``fuse-dequant-matmul`` for weight-only schemes, then
-          ``fuse-norm`` and ``fuse-attention``), which the triton backend runs as one kernel per
+          ``fuse-norm``, ``fuse-rotary`` and ``fuse-attention``), which the triton backend runs as one kernel per
           fused group.
 
         Raises:
@@ -122,7 +122,7 @@ class Target:
         weight_only = (r.weight_bits or r.average_bits) and not (r.activation_bits or r.fp8)
         # infer-shapes first: the attention fusion proves broadcasts from the inferred shapes
         fusions = ["infer-shapes"] + (["fuse-dequant-matmul"] if weight_only else [])
-        return fusions + ["fuse-norm", "fuse-attention"]
+        return fusions + ["fuse-norm", "fuse-rotary", "fuse-attention"]
 
     def _weight_pass(self, calibrated: bool) -> str:
         r = self.recipe

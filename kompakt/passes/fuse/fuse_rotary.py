@@ -1,0 +1,242 @@
+"""fuse-rotary: rotary position embedding, ``x * cos + rotate_half(x) * sin``, as one kernel.
+
+Exported, Hugging Face's ``apply_rotary_pos_emb`` is seven ops per tensor (two Slices, a Neg and a
+Concat for ``rotate_half``, two Muls and an Add), five of them full passes over q or k; partial
+rotary (GPT-NeoX, Phi) adds a Slice on each side and a Concat of the pass-through features. Fused,
+the ``rotary`` codegen family reads x once and the cos/sin tile once per group of heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import onnx_ir as ir
+
+from kompakt.ir.fused import fuse_nodes
+from kompakt.ir.tensors import to_torch
+from kompakt.passes.base import CompileContext, Pass, PassResult
+from kompakt.passes.fuse.match import const_tensor, is_op, other_input, same_shape, single_consumer
+from kompakt.passes.registry import register_pass
+
+_D = ir.DataType
+_FLOAT = (_D.FLOAT, _D.FLOAT16, _D.BFLOAT16)
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseRotary(Pass):
+    """Fuse rotary position embedding ``x * cos + rotate_half(x) * sin`` (HF's convention).
+
+    Before: x1 = Slice(x, [0], [h], [3], [1]);  x2 = Slice(x, [h], [big], [3], [1])
+            y = Add(Mul(x, cos), Mul(Concat(Neg(x2), x1, axis=-1), sin))  # cos: [1, 1, S, 2h]
+    After:  y = kompakt::FusedKernel[pattern="rotary", rotary_dim=2h, roles=["x", "cos",
+                    "bound", "bound", "bound", "bound", "bound", "sin"]](x, cos, 0, h, 3, 1, big, sin)
+
+    Matched from each Neg: rotate_half must be ``Concat(-x2, x1)`` over the last axis, where the
+    Slices of x have constant bounds proven, with x's inferred last dim R, to be exactly
+    ``[R/2:R]`` and ``[0:R/2]`` (axis -1 or rank - 1, step 1); Mul and Add operands may come in
+    either order. Partial rotary (``x_rot = x[..., :R]``, ``x_pass = x[..., R:]``,
+    ``Concat(y, x_pass)``) joins the group when every value inside it is read only there; x is
+    then the whole [B, H, S, D] tensor. q and k make separate groups.
+
+    Only what the kernel takes is fused: x [B, H, S, D] in fp16/bf16/fp32, cos and sin of one
+    shape [S, R], [1, S, R] or [B or 1, 1, S, R] (dims proven equal to x's, static R), the
+    output of x's shape. cos/sin stay outside the group (Llama's Unsqueezed tables feed every
+    layer's q and k). The kernel computes in fp32 and rounds once where the body rounds after
+    each op (fp16 models): equal to the body up to that rounding.
+    """
+
+    name: ClassVar[str] = "fuse-rotary"
+
+    def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
+        graph = model.graph
+        fused, kept = 0, []
+        for node in list(graph):
+            if node.graph is not graph or not is_op(node, "Neg"):
+                continue  # (a node already taken into a group has its body as graph)
+            found = _match(node, graph)
+            if found is None:
+                continue  # a Neg that is no rotate_half
+            if isinstance(found, str):
+                kept.append(f"{node.name}: {found}")
+                continue
+            _fuse(model, found)
+            fused += 1
+        return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
+
+
+@dataclass
+class _Group:
+    nodes: list[ir.Node]
+    x: ir.Value
+    rotary_dim: int
+    roles: dict[int, str] = field(default_factory=dict)  # id(value) -> role(s), "+"-joined
+
+    def role(self, value: ir.Value | None, name: str) -> None:
+        if value is None:
+            return
+        old = self.roles.get(id(value))
+        if old is None:
+            self.roles[id(value)] = name
+        elif name not in old.split("+"):  # one constant as start of one Slice, end of another
+            self.roles[id(value)] = f"{old}+{name}"
+
+
+def _match(neg: ir.Node, graph: ir.Graph) -> _Group | str | None:
+    """The rotary group around ``neg``; None when it is no rotate_half (no note)."""
+    neg_slice = neg.inputs[0].producer() if neg.inputs and neg.inputs[0] is not None else None
+    cat = single_consumer(neg.outputs[0], graph)
+    if not is_op(neg_slice, "Slice") or not is_op(cat, "Concat") or len(cat.inputs) != 2:
+        return None
+    plain = other_input(cat, neg.outputs[0])
+    plain_slice = plain.producer() if plain is not None else None
+    if not is_op(plain_slice, "Slice") or plain_slice.inputs[0] is not neg_slice.inputs[0]:
+        return None
+    # Concat(+-Slice(v), Slice(v)): a rotate_half, right or wrong; from here on say why not.
+    xr = neg_slice.inputs[0]
+    if xr is None or xr.shape is None or len(xr.shape) != 4 or not isinstance(xr.shape[3], int):
+        return "rotate_half of a tensor that is not 4-D with a static last dim"
+    if xr.dtype not in _FLOAT:
+        return f"rotate_half of a {xr.dtype} tensor (the kernel takes fp16/bf16/fp32)"
+    r = xr.shape[3]
+    if cat.attributes.get_int("axis", 0) % 4 != 3:
+        return "rotate_half concatenates along another axis than the last"
+    if cat.inputs[0] is not neg.outputs[0]:
+        return "the Neg is on the Concat's second operand (rotate_half is cat(-x2, x1))"
+    half = r // 2
+    lo, hi = _slice_range(plain_slice, r), _slice_range(neg_slice, r)
+    if lo is None or hi is None:
+        return "a rotate_half Slice has non-constant bounds, a step, or another axis than the last"
+    if r % 2 or lo != (0, half) or hi != (half, r):
+        return (
+            f"rotate_half slices [{lo[0]}:{lo[1]}] and -[{hi[0]}:{hi[1]}] are not the halves "
+            f"[0:{half}] and -[{half}:{r}] of {r} features"
+        )
+    if single_consumer(plain, graph) is not cat or single_consumer(neg.inputs[0], graph) is not neg:
+        return "a half of x is read outside rotate_half too"
+    mul_sin = single_consumer(cat.outputs[0], graph)
+    sin = other_input(mul_sin, cat.outputs[0]) if is_op(mul_sin, "Mul") else None
+    add = single_consumer(mul_sin.outputs[0], graph) if sin is not None else None
+    if not is_op(add, "Add"):
+        return "rotate_half(x) is not multiplied by sin and added (read by one Mul, then one Add)"
+    cos_term = other_input(add, mul_sin.outputs[0])
+    mul_cos = cos_term.producer() if cos_term is not None else None
+    cos = other_input(mul_cos, xr) if is_op(mul_cos, "Mul") else None
+    if cos is None or single_consumer(cos_term, graph) is not add:
+        return "the other term of the Add is not Mul(x, cos) read by that Add only"
+    reason = _check_tables(xr, cos, sin, add.outputs[0])
+    if reason:
+        return reason
+    group = _Group([neg_slice, plain_slice, neg, cat, mul_sin, mul_cos, add], xr, r)
+    for s in (neg_slice, plain_slice):
+        for value in s.inputs[1:]:
+            group.role(value, "bound")
+    group.role(cos, "cos")
+    group.role(sin, "sin")
+    _take_partial(group, add, graph)
+    group.role(group.x, "x")
+    return group
+
+
+def _check_tables(xr: ir.Value, cos: ir.Value, sin: ir.Value, out: ir.Value) -> str | None:
+    """cos and sin as the kernel reads them: one shape [S, R], [1, S, R] or [B|1, 1, S, R]."""
+    if not same_shape(out, xr):
+        return f"cos/sin broadcast x {_dims(xr.shape)} to {_dims(out.shape)}"
+    if not same_shape(cos, sin):
+        return f"cos {_dims(cos.shape)} and sin {_dims(sin.shape)} differ in shape"
+    b, _, s, r = xr.shape
+    dims = list(cos.shape)  # known: same_shape(cos, sin) holds only for known shapes
+    # ONNX broadcasts from the right: a 3-D table's first dim meets x's heads, so only a 1 there
+    # means "every batch row" as the kernel reads it; a 4-D table's first dim meets the batch.
+    ok = len(dims) in (2, 3, 4) and dims[-1] == r and _same_dim(dims[-2], s)
+    if len(dims) == 3:
+        ok = ok and dims[0] == 1
+    elif len(dims) == 4:
+        ok = ok and dims[1] == 1 and (dims[0] == 1 or _same_dim(dims[0], b))
+    if not ok:
+        return (
+            f"cos/sin {_dims(cos.shape)} are not [S, R], [1, S, R] or [B or 1, 1, S, R] of x "
+            f"{_dims(xr.shape)} (S, R and B proven equal)"
+        )
+    return None
+
+
+def _take_partial(group: _Group, add: ir.Node, graph: ir.Graph) -> None:
+    """Widens the group to partial rotary: x_rot = Slice(x, :R), y = Concat(rot(x_rot),
+    Slice(x, R:)) on the last axis, when only the group reads x_rot and the rotated part."""
+    xr = group.x
+    rot_slice = xr.producer()
+    out_cat = single_consumer(add.outputs[0], graph)
+    if not is_op(rot_slice, "Slice") or not is_op(out_cat, "Concat") or len(out_cat.inputs) != 2:
+        return
+    x = rot_slice.inputs[0]
+    if x is None or x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[3], int):
+        return
+    d, r = x.shape[3], group.rotary_dim
+    if _slice_range(rot_slice, d) != (0, r) or out_cat.inputs[0] is not add.outputs[0]:
+        return
+    rest = out_cat.inputs[1]
+    pass_slice = rest.producer() if rest is not None else None
+    if not is_op(pass_slice, "Slice") or pass_slice.inputs[0] is not x:
+        return
+    if _slice_range(pass_slice, d) != (r, d) or single_consumer(rest, graph) is not out_cat:
+        return
+    if out_cat.attributes.get_int("axis", 0) % 4 != 3 or not same_shape(out_cat.outputs[0], x):
+        return
+    inside = {id(n) for n in group.nodes}
+    if xr in graph.outputs or any(id(u.node) not in inside for u in xr.uses()):
+        return  # x_rot is read elsewhere too: the group stays the rotation of x_rot
+    group.nodes[:0] = [rot_slice, pass_slice]
+    group.nodes.append(out_cat)
+    for s in (rot_slice, pass_slice):
+        for value in s.inputs[1:]:
+            group.role(value, "bound")
+    group.x = x
+
+
+def _slice_range(node: ir.Node, dim: int) -> tuple[int, int] | None:
+    """(start, stop) of a Slice of the last axis of a rank-4 tensor whose last dim is ``dim``,
+    clamped as ONNX clamps; None unless the bounds are constants, one axis, step 1."""
+    if len(node.inputs) >= 3:  # opset >= 10: bounds are inputs (axes, steps optional)
+        operands = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
+        bounds = [None if v is None else _ints(v) for v in operands]
+        if any(v is not None and b is None for v, b in zip(operands, bounds, strict=True)):
+            return None  # a bound computed at run time
+        starts, ends, axes, steps = bounds
+    if starts is None or ends is None or len(starts) != 1 or len(ends) != 1:
+        return None
+    if (axes if axes is not None else [0]) not in ([3], [-1]) or steps not in (None, [1]):
+        return None
+    start, stop, _ = slice(starts[0], ends[0]).indices(dim)  # clamps like ONNX for step 1
+    return start, max(start, stop)
+
+
+def _same_dim(a: object, b: object) -> bool:
+    """Provably equal dims: equal ints, or symbolic dims of one (known) name."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return isinstance(a, ir.SymbolicDim) and a.value is not None and a == b
+
+
+def _dims(shape: ir.Shape | None) -> str:
+    return "[?]" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def _ints(value: ir.Value | None) -> list[int] | None:
+    tensor = const_tensor(value)
+    if tensor is None or tensor.dtype not in (_D.INT64, _D.INT32):
+        return None
+    return [int(v) for v in to_torch(tensor).reshape(-1)]
+
+
+def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else [int(i) for i in attr.as_ints()]
+
+
+def _fuse(model: ir.Model, found: _Group) -> ir.Node:
+    node = fuse_nodes(model, found.nodes, "rotary", [ir.AttrInt64("rotary_dim", found.rotary_dim)])
+    roles = [found.roles.get(id(v), "other") for v in node.inputs]
+    node.attributes["roles"] = ir.AttrStrings("roles", roles)
+    return node
