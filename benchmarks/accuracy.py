@@ -41,7 +41,12 @@ ROWS: list[tuple[str, str, str]] = [
     ("W8A8 dynamic per-token", "SmoothQuant", f"smoothquant,{W8},{W8A8}"),
     ("W8A8 dynamic per-token", "LLM.int8() split", f"outlier-split{{kind=activation}},{W8A8}"),
     ("W8A8 static per-tensor", "RTN weights, no smoothing", f"{W8},quantize-activations"),
-    ("W8A8 static per-tensor", "SmoothQuant", f"smoothquant,{W8},quantize-activations"),
+    ("W8A8 static per-tensor", "SmoothQuant α 0.5", f"smoothquant,{W8},quantize-activations"),
+    (
+        "W8A8 static per-tensor",
+        "SmoothQuant α 0.8 (`-w8a8-static`)",
+        f"smoothquant{{alpha=0.8}},{W8},quantize-activations",
+    ),
     ("fp8 E4M3 static", "per-channel weight scales", "fp8"),
     ("w4.5 mixed (4/8)", "HAWQ-style + GPTQ", "mixed-precision{average-bits=4.5}"),
     ("w4 g128", "RTN", "quantize-weights{bits=4,group-size=128}"),
@@ -65,6 +70,9 @@ ROWS: list[tuple[str, str, str]] = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=None, help="held-out windows (default: all)")
+    parser.add_argument(
+        "--only", default=None, help="rows whose scheme or method contains this text (e.g. W8A8)"
+    )
     args = parser.parse_args()
     print(f"accuracy on {machine()}, {time.strftime('%Y-%m-%d')}", flush=True)
 
@@ -92,6 +100,8 @@ def main() -> None:
     print(f"  fp32: ppl {fp32_ppl:.4f}", flush=True)
 
     for scheme, method, passes in ROWS:
+        if args.only and args.only not in scheme and args.only not in method:
+            continue
         pipeline = f"canonicalize,{passes}"
         calibrated = any(p.uses_calibration for p in kompakt.Pipeline.parse(pipeline).passes)
         start = time.perf_counter()

@@ -140,6 +140,30 @@ def test_smoothquant_is_exact_on_a_tiny_llama(captured, float_llama):
     assert stats["input_scales explicit Mul"] == 2  # o_proj reads attention's output
 
 
+def test_later_layers_are_calibrated_on_what_the_smoothed_layers_compute(captured):
+    """Smoothing leaves the float model unchanged, so what a later layer's input looks like
+    (its simulated W8A8 error before smoothing) cannot depend on alpha. It did while the
+    calibration runner kept the pre-smoothing weights cached through the stage's forward run."""
+    calibration = [(tokens((2, 16), seed=1),)]
+    errors = {}
+    for alpha in (0.5, 1.0):
+        cm = kompakt.compile(
+            captured("llama"),
+            pipeline=f"canonicalize,smoothquant{{alpha={alpha}}}",
+            calibration=calibration,
+            backend="reference",
+            progress=False,
+            estimate_latency=False,
+        )
+        records = cm.report().passes[-1].result.records
+        errors[alpha] = {r["module"]: r["w8a8_error_before"] for r in records}
+    later = [m for m in errors[0.5] if ".layers.1." in m]
+    assert later
+    for module in later:
+        # records round to 6 decimals; the stale cache moved these by 2-5x
+        assert errors[1.0][module] == pytest.approx(errors[0.5][module], rel=0.03, abs=2e-6), module
+
+
 def test_alpha_search_never_raises_the_simulated_w8a8_error():
     model = outlier_model(1)
     (_, record) = run_pipeline(model, "canonicalize,smoothquant{search=true}", batches())

@@ -128,11 +128,14 @@ class BlockwiseRunner:
             stage = Stage(self, index, key, self._between(previous_last, next_first))
             yield stage
             current = self._between(previous_last, next_first)  # the pass may have added nodes
+            # Constants are cached for one stage only (keeping them would grow with depth), and
+            # dropped before the stage runs forward: a pass may have rewritten a weight or a norm
+            # constant in place (SmoothQuant's scales, AWQ's folding), and the next stage must see
+            # this stage's outputs as the pass left it, not as it was.
+            self._constants.clear()
             for env in self.envs:
                 self._run(current, env)
             self._free(current[-1] if current else previous_last)
-            # Constants (unpacked quantized weights among them) and kernels are cached for one
-            # stage only: keeping them would grow with depth.
             self._constants.clear()
             self._kernels.clear()
             previous_last = current[-1] if current else previous_last

@@ -53,8 +53,8 @@ class SmoothQuant(Pass):
         search: Per input, pick α from 0, 0.1, ..., 1 (or no smoothing at all) by the simulated
             W8A8 output error (per-tensor int8 input, per-channel int8 weights) on calibration
             rows, instead of using alpha everywhere. Off by default: on all-MiniLM-L6-v2 it
-            lowered every layer's own error yet gave a worse model than α = 0.5 (the per-layer
-            error does not see how errors compound through attention).
+            gives cosine 0.99846 (dynamic) / 0.99719 (static) against 0.99898 / 0.99766 for a
+            fixed α of 0.5 / 0.8 (the per-layer error does not see how errors compound).
         exclude: Module-path globs (or weight names) to leave unsmoothed.
         keep_lm_head: Leave the output projection's input unsmoothed (it stays float anyway by
             default in quantize-weights).
