@@ -110,11 +110,12 @@ def test_algorithm_tokens_choose_the_pass():
         (
             "a100-w8a8",
             "canonicalize,smoothquant,gptq{bits=8,group-size=-1,symmetric=true},"
-            "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-norm,fuse-rotary,fuse-attention",
+            "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-quantized-matmul,"
+            "fuse-norm,fuse-rotary,fuse-attention",
         ),
         (
             "cpu-W8A8-static-rtn",
-            "canonicalize,smoothquant,quantize-weights{bits=8,group-size=-1,symmetric=true},"
+            "canonicalize,smoothquant{alpha=0.8},quantize-weights{bits=8,group-size=-1,symmetric=true},"
             "quantize-activations{bits=8,dynamic=false}",
         ),
         (
@@ -122,10 +123,15 @@ def test_algorithm_tokens_choose_the_pass():
             "canonicalize,smoothquant,gptq{bits=4,group-size=128,symmetric=false},"
             "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-norm,fuse-rotary,fuse-attention",
         ),
-        ("h100-fp8", "canonicalize,fp8,infer-shapes,fuse-norm,fuse-rotary,fuse-attention"),
+        (
+            "h100-fp8",
+            "canonicalize,fp8,infer-shapes,fuse-quantized-matmul,fuse-norm,fuse-rotary,"
+            "fuse-attention",
+        ),
         (
             "h100-FP8_DYNAMIC",
-            "canonicalize,fp8{dynamic=true},infer-shapes,fuse-norm,fuse-rotary,fuse-attention",
+            "canonicalize,fp8{dynamic=true},infer-shapes,fuse-quantized-matmul,fuse-norm,"
+            "fuse-rotary,fuse-attention",
         ),
         ("cpu-w3-codebook", "canonicalize,codebook{bits=3}"),
         (
