@@ -21,6 +21,7 @@ BINDERS: dict[str, str] = {
     "pointwise": "kompakt.codegen.pointwise.bind:bind",
     "norm": "kompakt.codegen.norm.bind:bind",
     "attention": "kompakt.codegen.attention.bind:bind",
+    "scaled_matmul": "kompakt.codegen.scaled_matmul.bind:bind",
     "rotary": "kompakt.codegen.rotary.bind:bind",
 }
 

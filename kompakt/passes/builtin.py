@@ -12,6 +12,7 @@ from kompakt.passes.fuse import (  # noqa: F401
     fuse_attention,
     fuse_dequant_matmul,
     fuse_elementwise,
+    fuse_int8_matmul,
     fuse_norm,
     fuse_rotary,
     merge_projections,
