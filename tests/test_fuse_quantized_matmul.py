@@ -15,7 +15,7 @@ from fusion_helpers import compile_for_gpu, first_output
 from onnx import TensorProto, helper, numpy_helper
 
 import kompakt
-import kompakt.passes.fuse.fuse_int8_matmul  # noqa: F401  (registers fuse-quantized-matmul)
+import kompakt.passes.fuse.fuse_quantized_matmul  # noqa: F401  (registers fuse-quantized-matmul)
 from kompakt.errors import CodegenError
 from kompakt.ir.fused import body_of, is_fused, pattern_of
 from kompakt.ir.tensors import to_torch

@@ -12,8 +12,8 @@ from kompakt.passes.fuse import (  # noqa: F401
     fuse_attention,
     fuse_dequant_matmul,
     fuse_elementwise,
-    fuse_int8_matmul,
     fuse_norm,
+    fuse_quantized_matmul,
     fuse_rotary,
     merge_projections,
 )

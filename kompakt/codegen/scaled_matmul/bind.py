@@ -1,4 +1,4 @@
-"""Binds a ``scaled_matmul`` fused node (passes/fuse/fuse_int8_matmul.py) to the int8 / fp8 GEMM.
+"""Binds a ``scaled_matmul`` fused node (passes/fuse/fuse_quantized_matmul.py) to the int8 / fp8 GEMM.
 
 The weight is read once, here: int8 or float8_e4m3fn codes [K, N] and an fp32 scale [N] or [].
 Each call gets the activation's codes and scale, then runs ``y = (xq @ wq) * x_scale * w_scale
