@@ -67,6 +67,38 @@ def test_statistics_match_a_direct_computation(captured):
     assert stats.samples.shape == rows.shape and stats.tokens == rows.shape[0]
 
 
+def _scale_stage_weights(stage, factor):
+    """Multiplies every float weight a MatMul of ``stage`` reads, in place (as passes do)."""
+    from kompakt.ir.tensors import from_torch, to_torch
+
+    for node in stage.nodes:
+        if node.op_type == "MatMul" and node.inputs[1].const_value is not None:
+            weight = node.inputs[1]
+            weight.const_value = from_torch(to_torch(weight.const_value) * factor, name=weight.name)
+
+
+@pytest.mark.parametrize("forward_now", [False, True])
+def test_the_next_stage_sees_the_weights_as_the_pass_left_them(captured, forward_now):
+    """Weights rewritten in place are what the stage runs forward with (cached copies are
+    dropped first), unless the pass ran the stage forward itself before a later rewrite."""
+    model = captured("llama").clone()
+    runner = BlockwiseRunner(model, feeds(count=1))
+    for stage in runner.stages():
+        if stage.key == "model.layers.0":
+            stage.collect({})  # fills the runner's constant cache with the weights as they are
+            _scale_stage_weights(stage, 2.0)
+            if forward_now:
+                stage.forward_now()  # next stage: outputs of the x2 weights
+                _scale_stage_weights(stage, 0.0)  # a later rewrite it must not see
+    out = runner.outputs()[0][0]
+    expected = captured("llama").clone()
+    for stage in BlockwiseRunner(expected, feeds(count=1)).stages():
+        if stage.key == "model.layers.0":
+            _scale_stage_weights(stage, 2.0)  # the model the next stage must have seen
+    want = ExecutionPlan(expected).run(feeds(count=1)[0])[0]
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_block_names():
     def node(module):
         n = ir.node("Relu", [ir.val("x", ir.DataType.FLOAT, [1])])

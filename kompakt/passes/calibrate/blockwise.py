@@ -87,6 +87,8 @@ class Stage:
     index: int
     key: str | None
     nodes: list[ir.Node] = field(default_factory=list)
+    bounds: tuple[ir.Node | None, ir.Node | None] = (None, None)  # last node before, first after
+    forwarded: bool = False
 
     @property
     def name(self) -> str:
@@ -97,6 +99,17 @@ class Stage:
         ``id(value)``; values asked for as ``tensors`` are kept whole for the first
         ``keep_batches`` batches. Nothing else the stage computes is kept."""
         return self.runner.collect(self, requests, keep_batches)
+
+    def forward_now(self) -> None:
+        """Computes the stage's outputs for the next stage now, from the graph as it is now.
+
+        By default the runner does this after the pass is done with the stage, so the next
+        stage sees what the compressed stage computes (GPTQ's choice). AWQ, as its authors do,
+        calls this once its scales are applied but before it rounds the weights, so later
+        layers are calibrated on the float model.
+        """
+        self.runner._forward(self)
+        self.forwarded = True
 
 
 class BlockwiseRunner:
@@ -125,20 +138,27 @@ class BlockwiseRunner:
         previous_last: ir.Node | None = None
         for index, key in enumerate(keys_of):
             next_first = firsts[index + 1] if index + 1 < len(firsts) else None
-            stage = Stage(self, index, key, self._between(previous_last, next_first))
+            bounds = (previous_last, next_first)
+            stage = Stage(self, index, key, self._between(*bounds), bounds)
             yield stage
             current = self._between(previous_last, next_first)  # the pass may have added nodes
-            # Constants are cached for one stage only (keeping them would grow with depth), and
-            # dropped before the stage runs forward: a pass may have rewritten a weight or a norm
-            # constant in place (SmoothQuant's scales, AWQ's folding), and the next stage must see
-            # this stage's outputs as the pass left it, not as it was.
-            self._constants.clear()
-            for env in self.envs:
-                self._run(current, env)
+            if not stage.forwarded:
+                self._forward(stage)
             self._free(current[-1] if current else previous_last)
             self._constants.clear()
             self._kernels.clear()
             previous_last = current[-1] if current else previous_last
+
+    def _forward(self, stage: Stage) -> None:
+        """Runs the stage as the graph now is on every batch, leaving its outputs in the envs.
+
+        Cached constants are dropped first: a pass may have rewritten a weight or a norm
+        constant in place (SmoothQuant's scales, AWQ's folds), and the next stage must see this
+        stage as the pass left it, not as it was.
+        """
+        self._constants.clear()
+        for env in self.envs:
+            self._run(self._between(*stage.bounds), env)
 
     def collect(
         self, stage: Stage, requests: StatRequests, keep_batches: int = 0

@@ -121,6 +121,9 @@ class Awq(Pass):
             how = divide_input(graph, members[0].matmuls[0].inputs[0], s, consumers, allowed)
             folds[how] = folds.get(how, 0) + 1
             plans += [(site, _spread(x, self.clip_tokens), s, alpha) for site in members]
+        # The next stage is calibrated on this stage's float outputs (scales applied, weights
+        # not yet rounded), as AWQ's reference implementation propagates them.
+        stage.forward_now()
         # 2. Clip and round every weight of the stage.
         for site, x, s, alpha in plans:
             weight = to_torch(site.weight.const_value)  # scaled; maybe also rescaled by a fold
