@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, tokens
-from fusion_helpers import first_output
+from fusion_helpers import compile_for_gpu, first_output
 
 import kompakt
 from kompakt.ir.fused import body_of, inline_fused, is_fused
@@ -137,3 +137,33 @@ def test_verifier_rejects_a_fused_node_whose_body_does_not_match(captured):
     body.inputs.append(ir.Value(name="extra"))
     with pytest.raises(VerificationError, match="body takes"):
         verify(model)
+
+
+def test_a_residual_that_is_the_input_itself_has_both_roles():
+    """y = x + proj(x): one value is the MatMul's input and the residual."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kompakt.runtime.backends import make_backend
+
+    w = numpy_helper.from_array((torch.randn(32, 32) * 0.1).numpy(), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["p"], name="/proj/MatMul"),
+            helper.make_node("Add", ["p", "x"], ["y"], name="/add"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 32])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    cm = compile_for_gpu(model, QUANT + ",fuse-dequant-matmul")
+    (node,) = _fused(cm.ir)
+    assert "x+residual" in list(node.attributes["roles"].as_strings())
+    x = torch.randn(3, 32)
+    want = cm(x)
+    pytest.importorskip("triton")
+    backend = make_backend("triton", cm.ir, "cuda" if torch.cuda.is_available() else "cpu")
+    assert "dequant_matmul x1" in backend.summary()
+    got = backend.run({"x": x.to(backend.device)})[0]
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)

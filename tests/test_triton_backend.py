@@ -127,3 +127,30 @@ def test_w8a8_and_fp8_targets_run_integer_and_fp8_gemms(tiny, target):
     got, want = first_output(triton(ids)), first_output(reference(ids))
     # int8 codes are exact; the kernels' scale products round differently from the graph's
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=2e-4)
+
+
+def test_unpacked_weights_are_freed_and_a_refused_call_runs_the_body(captured, monkeypatch):
+    """The plan keeps no unpacked copy of a packed weight; when a bound kernel refuses a call at
+    run time, the node's body runs instead (its freed constants loaded again) and the summary
+    says so."""
+    from kompakt.codegen.dequant_matmul import bind as bind_module
+
+    triton, reference = _pair(captured, "llama")
+    plan = triton._backend.plan
+    quantized = [n for n in triton.ir.graph.initializers if n.endswith("weight_quantized")]
+    assert len(quantized) == 14
+    # q, scale and zero point of each of the 14 layers are read only by their kernel's packing
+    assert len(plan._constants) <= len(triton.ir.graph.initializers) - 3 * 14
+
+    ids = tokens(EXAMPLE_SHAPE)
+    want = first_output(reference(ids))
+    fresh, _ = _pair(captured, "llama")
+
+    def refuse(*args, **kwargs):
+        raise CodegenError("refused for the test")
+
+    monkeypatch.setattr(bind_module, "launch_choice", refuse)
+    torch.testing.assert_close(first_output(fresh(ids)), want, rtol=1e-5, atol=1e-6)
+    summary = fresh._backend.summary()
+    assert "at run time: refused for the test" in summary
+    assert "FusedKernel[dequant_matmul] x14" in summary

@@ -106,8 +106,10 @@ class CompiledModel:
         """Prefill the prompt, then decode one token at a time from the static KV cache.
 
         Needs a model compiled with ``kv_cache=<max length>``. Options: ``do_sample``,
-        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``
-        (as Hugging Face's ``generate``). Returns prompt and new tokens, ``[batch, S + new]``.
+        ``temperature``, ``top_k``, ``top_p``, ``seed``, ``eos_token_id``, ``pad_token_id``,
+        meaning what they mean in Hugging Face's ``generate``; but the defaults are plain
+        (greedy; no top-k, top-p or eos unless given), not the model's generation_config.
+        Returns prompt and new tokens, ``[batch, S + new]``.
         """
         from kompakt.lowering.kv_cache import cache_spec_of
         from kompakt.runtime.generation import generate
@@ -161,6 +163,9 @@ class CompiledModel:
 
     def report(self) -> Report:
         """What the compile did; ``print()`` it, or ``render(verbose=True)`` for every row."""
+        summary = getattr(self._backend, "summary", None)
+        if summary is not None:  # run-time events (a fallback, a CUDA graph) since compile
+            self._report.backend_notes = summary()
         return self._report
 
     def render_report(self, verbose: bool = False) -> str:

@@ -18,7 +18,6 @@ from kompakt.errors import KompaktError
 from kompakt.ir.metadata import module_of
 from kompakt.report import KernelTime
 from kompakt.runtime.plan import ExecutionPlan
-from kompakt.runtime.profile import observed_shapes
 from kompakt.targets.cost_model import CostModel
 from kompakt.targets.hardware import HardwareSpec
 
@@ -40,15 +39,20 @@ def measure(
             torch.cuda.synchronize(plan.device)
         return time.perf_counter()
 
-    plan.run(feeds)
+    shapes: dict[str, tuple[int, ...]] = {name: tuple(t.shape) for name, t in feeds.items()}
+
+    def record(node, inputs, outputs) -> None:  # the warm-up run gives the cost model its shapes
+        for value, tensor in zip(node.outputs, outputs, strict=False):
+            if value.name and isinstance(tensor, torch.Tensor):
+                shapes[value.name] = tuple(tensor.shape)
+
+    plan.run(feeds, observer=record)
     runs = []
     for _ in range(repeats):
         plan.run(feeds, clock=clock)
         runs.append(list(plan.step_seconds))
     measured = [statistics.median(times) for times in zip(*runs, strict=True)]
-    predicted = {
-        c.node: c for c in CostModel(device).estimate(model, observed_shapes(model, _cpu(feeds)))
-    }
+    predicted = {c.node: c for c in CostModel(device).estimate(model, shapes)}
     rows = []
     for step, seconds in zip(plan.steps, measured, strict=True):
         cost = predicted.get(step.node.name)
@@ -62,7 +66,3 @@ def measure(
             )
         )
     return rows
-
-
-def _cpu(feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.cpu() for k, v in feeds.items()}

@@ -6,9 +6,11 @@ pattern has a kernel family is bound to that family's Triton kernel (weights pac
 any other node, and any fused node the family cannot take, runs through the reference's torch
 ops. `TritonBackend.summary` lists both, and the report shows it.
 
-On a CUDA device, each new set of input shapes is run once eagerly and then captured in a CUDA
+On a CUDA device, a set of input shapes met a second time (a decode step) is captured in a CUDA
 graph that later calls replay: one launch instead of hundreds, which is most of the decode time
-of a small batch. Without a GPU the kernels run in Triton's interpreter on CPU tensors
+of a small batch. A graph with an op that reads a device value on the host (some reference
+shape ops do) cannot be captured; the backend then runs eagerly and the summary says why. None
+of this has run on a GPU yet. Without a GPU the kernels run in Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``), which is how the test suite checks them.
 """
 
@@ -24,6 +26,7 @@ import torch
 from kompakt.codegen.registry import binder_for
 from kompakt.errors import CodegenError, KompaktError
 from kompakt.ir.fused import is_fused, pattern_of
+from kompakt.ir.tensors import to_torch
 from kompakt.runtime.plan import ExecutionPlan
 from kompakt.runtime.reference.registry import Kernel, build_kernel
 
@@ -65,9 +68,14 @@ class TritonBackend:
         self.launched: collections.Counter[str] = collections.Counter()
         self.through_torch: collections.Counter[str] = collections.Counter()
         self.fallbacks: list[str] = []
+        self.graph_notes: list[str] = []
+        self._unread: dict[int, frozenset[int]] = {}  # id(node) -> inputs its kernel never reads
         self.plan = ExecutionPlan(model, self.device, kernel_builder=self._build)
+        self._drop_unread_constants()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._seen: collections.Counter[tuple] = collections.Counter()
         self._graphs: dict[tuple, _Captured] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     def _build(self, node: ir.Node, opset: int) -> Kernel:
         if is_fused(node):
@@ -76,15 +84,62 @@ class TritonBackend:
             if binder is not None:
                 try:
                     kernel = binder(node, self.device)
-                except CodegenError as err:
-                    self.fallbacks.append(f"{node.name} ({pattern}): {err}")
+                except Exception as err:  # a binder bug must not cost the model: run the body
+                    reason = (
+                        err if isinstance(err, CodegenError) else f"{type(err).__name__}: {err}"
+                    )
+                    self.fallbacks.append(f"{node.name} ({pattern}): {reason}")
                 else:
                     self.launched[pattern] += 1
-                    return kernel
+                    self._unread[id(node)] = frozenset(getattr(kernel, "unread_inputs", ()))
+                    return self._guarded(node, opset, pattern, kernel)
             self.through_torch[f"FusedKernel[{pattern}]"] += 1
         elif not (node.op_type == "Constant" and not node.inputs):
             self.through_torch[node.op_type] += 1
         return build_kernel(node, opset)
+
+    def _guarded(self, node: ir.Node, opset: int, pattern: str, kernel: Kernel) -> Kernel:
+        """The kernel, switching for good to the node's body when a call is refused (a dtype or
+        shape the family checks only at run time); the summary says so."""
+        state = {"run": kernel}
+
+        def run(*inputs):
+            try:
+                return state["run"](*inputs)
+            except CodegenError as err:
+                self.fallbacks.append(f"{node.name} ({pattern}) at run time: {err}")
+                self.launched[pattern] -= 1
+                self.through_torch[f"FusedKernel[{pattern}]"] += 1
+                state["run"] = self._with_constants(node, build_kernel(node, opset))
+                return state["run"](*inputs)
+
+        return run
+
+    def _with_constants(self, node: ir.Node, kernel: Kernel) -> Kernel:
+        """``kernel`` with the constants `_drop_unread_constants` freed loaded again."""
+        unread = self._unread.pop(id(node), frozenset())
+        constants = {
+            i: to_torch(node.inputs[i].const_value).to(self.device)
+            for i in unread
+            if node.inputs[i] is not None and node.inputs[i].const_value is not None
+        }
+
+        def run(*inputs):
+            return kernel(*(constants.get(i, x) if x is None else x for i, x in enumerate(inputs)))
+
+        return run
+
+    def _drop_unread_constants(self) -> None:
+        """Frees constants only bound kernels' unread inputs referred to (a quantized weight's
+        unpacked integers and scales, once the binder holds its packed copy): on a GPU they
+        would otherwise stay resident beside the packed weight."""
+        read: set[int] = set()
+        for step in self.plan.steps:
+            unread = self._unread.get(id(step.node), frozenset())
+            read.update(slot for i, slot in enumerate(step.inputs) if i not in unread)
+        for slot in [s for s in self.plan._constants if s not in read]:
+            if slot not in self.plan._output_slots:
+                del self.plan._constants[slot]
 
     def summary(self) -> str:
         """Which fused groups run as Triton kernels and which ops run through torch."""
@@ -97,6 +152,7 @@ class TritonBackend:
             "through torch: " + (", ".join(f"{op} x{c}" for op, c in torch_ops) or "nothing")
         )
         lines.extend(f"fell back to torch: {reason}" for reason in self.fallbacks)
+        lines.extend(self.graph_notes)
         return "\n".join(lines)
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -105,21 +161,31 @@ class TritonBackend:
             return self.plan.run(feeds)
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feeds.items()))
         captured = self._graphs.get(key)
-        if captured is None:
-            outputs = self.plan.run(feeds)  # eager first: compiles kernels, warms allocators
+        if captured is not None:
+            return captured.replay(feeds)
+        self._seen[key] += 1
+        outputs = self.plan.run(feeds)  # eager: compiles kernels, warms allocators
+        if self._seen[key] >= 2:  # a shape met twice (a decode step) is worth a graph
             try:
-                self._graphs[key] = _Captured(self.plan, feeds)
-            except RuntimeError as err:  # an op that syncs with the host cannot be captured
-                self.fallbacks.append(f"CUDA graph capture failed, running eagerly: {err}")
+                self._graphs[key] = _Captured(self.plan, feeds, self._pool)
+                self.graph_notes.append(f"CUDA graph captured for inputs {_shapes(feeds)}")
+            except (RuntimeError, KompaktError) as err:  # an op that syncs with the host
+                self.graph_notes.append(f"CUDA graph capture failed, running eagerly: {err}")
                 self.cuda_graphs = False
-            return outputs
-        return captured.replay(feeds)
+        return outputs
+
+
+def _shapes(feeds: Mapping[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
 
 
 class _Captured:
-    """One CUDA graph of the whole plan for one set of input shapes, with static buffers."""
+    """One CUDA graph of the whole plan for one set of input shapes, with static buffers.
 
-    def __init__(self, plan: ExecutionPlan, feeds: Mapping[str, torch.Tensor]) -> None:
+    Graphs share one memory pool (``pool``), so several shapes do not each hold their own.
+    """
+
+    def __init__(self, plan: ExecutionPlan, feeds: Mapping[str, torch.Tensor], pool) -> None:
         self.inputs = {k: v.clone() for k, v in feeds.items()}
         self.graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
@@ -127,7 +193,7 @@ class _Captured:
         with torch.cuda.stream(stream):
             plan.run(self.inputs)  # warm-up on the side stream, as capture requires
         torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = plan.run(self.inputs)
 
     def replay(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -74,6 +74,19 @@ def test_tune_keeps_the_fastest_and_skips_failures(tmp_path):
     with pytest.raises(CodegenError, match="no candidate"):
         tune(cache, "key2", [{"id": 4}], run, timer)
 
+    def out_of_resources(choice):
+        raise RuntimeError("out of resource: shared memory")  # as Triton's errors are
+
+    assert tune(cache, "key3", [{"id": 2}, {"id": 4}], run, timer) == {"id": 2}
+    with pytest.raises(CodegenError, match="shared memory"):
+        tune(cache, "key4", [{"id": 5}], out_of_resources, lambda fn: fn() or 1.0)
+
+
+def test_the_key_tells_dtypes_apart():
+    fp32, fp16 = _weight(), _weight(dtype=torch.float16)
+    assert cache_key(1, fp32) != cache_key(1, fp16)
+    assert cache_key(1, fp32).endswith("|float32") and cache_key(3, fp32) == cache_key(4, fp32)
+
 
 def test_candidates_include_the_heuristic_and_are_all_valid():
     weight = _weight()
@@ -114,7 +127,8 @@ def test_the_binder_follows_the_cache(captured, tmp_path, monkeypatch):
     cache = AutotuneCache.for_device("cpu-interpreter")
     for n, k in ((64, 64), (128, 64), (64, 128), (32, 64)):  # the tiny Llama's projections
         # the example shape (2, 8) gives every projection 16 rows
-        cache.put(bucket("dequant_matmul", m=16, n=n, k=k, g=16, b=4), forced, 1e-6, 1)
+        key = bucket("dequant_matmul", m=16, n=n, k=k, g=16, b=4) + "|float32"
+        cache.put(key, forced, 1e-6, 1)
     cache.save()
     used = []
 

@@ -69,6 +69,8 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
             choices[m] = choice
         return launch_choice(choice, x, packed, bias, act, residual)
 
+    # the backend may free these constants: the packed copy above is what the kernel reads
+    kernel.unread_inputs = tuple(index[r] for r in ("q", "scale", "zero", "bias") if r in index)
     return kernel
 
 

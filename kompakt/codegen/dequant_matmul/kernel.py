@@ -15,6 +15,8 @@ adds them and applies the epilogue; otherwise the epilogue runs in the main kern
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -70,7 +72,8 @@ def dequant_matmul_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -96,7 +99,14 @@ def dequant_matmul_kernel(
         if BITS == 4:
             # BLOCK_K // 8 int32 words per column hold the tile's BLOCK_K nibbles
             rw = tile * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
-            words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+            if EVEN_K:  # every tile is whole: no row mask (it costs registers in the GEMM tile)
+                words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=n_ok[None, :], other=0)
+            else:  # the last tile must not read past the last packed row
+                words = tl.load(
+                    qw_ptr + rw[:, None] * N + rn[None, :],
+                    mask=(rw < tl.cdiv(K, 8))[:, None] & n_ok[None, :],
+                    other=0,
+                )
             shifts = 4 * tl.arange(0, 8)
             q = (words[:, None, :] >> shifts[None, :, None]) & 0xF
             q = tl.reshape(q, (BLOCK_K, BLOCK_N))
@@ -113,6 +123,8 @@ def dequant_matmul_kernel(
             scale = tl.load(scales_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
             zp = tl.load(zeros_ptr + g * N + rn, mask=n_ok, other=0.0).to(tl.float32)
             w = (q.to(tl.float32) - zp[None, :]) * scale[None, :]
+        if UPCAST:  # bf16 under Triton's interpreter: its bf16 arithmetic is wrong, fp32 is not
+            x = x.to(tl.float32)
         if USE_DOT:
             if x.dtype == tl.float32:
                 acc += tl.dot(x, w, input_precision="ieee")
@@ -155,12 +167,12 @@ def launch_dequant_matmul(
     residual: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """``epilogue(x @ W)`` for x [..., K] fp16/fp32; returns [..., N] in x's dtype."""
+    """``epilogue(x @ W)`` for x [..., K] fp16/bf16/fp32; returns [..., N] in x's dtype."""
     k, n = weight.k, weight.n
     if x.shape[-1] != k:
         raise CodegenError(f"x has {x.shape[-1]} features but the weight expects K = {k}")
-    if x.dtype not in (torch.float16, torch.float32):
-        raise CodegenError(f"x must be float16 or float32, got {x.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CodegenError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if act not in _ACT_CODES:
         raise CodegenError(f"unknown activation '{act}'; known: {', '.join(ACTIVATIONS)}")
     lead = x.shape[:-1]
@@ -208,6 +220,8 @@ def launch_dequant_matmul(
         BITS=weight.bits, GROUP=weight.group_size, **flags,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         SPLIT_K=config.split_k, USE_DOT=config.use_dot,
+        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        EVEN_K=k % config.block_k == 0,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if config.split_k > 1:

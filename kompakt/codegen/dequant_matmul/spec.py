@@ -69,7 +69,11 @@ def choose_config(
     if m <= 16:
         block_m = min(_next_pow2(m), 16)
         block_n = 64 if block_m < 16 else 128
-        block_k = _block_k(group_size, k, 128 if block_m < 16 else 64)
+        # Without tensor cores the [BLOCK_M, BLOCK_K, BLOCK_N] product lives in registers:
+        # 8192 fp32 values is 64 per thread at 4 warps (M = 1 at 64 x 128 builds with 64-70
+        # registers); wider M takes a shorter K tile instead of spilling.
+        wanted = 64 if block_m == 16 else max(16, 8192 // (block_m * block_n))
+        block_k = _block_k(group_size, k, min(128, wanted))
         regime, warps, stages = "gemv", 4, 3
     elif m <= 128:
         block_m, block_n = 32 if m <= 32 else 64, 128
@@ -110,16 +114,21 @@ def _signature(dtype: str) -> dict[str, str]:
 
 
 def aot_variants(arch: str) -> list[Variant]:
-    """One variant per regime at K = N = 4096, group 128, fp16, 4-bit, with a residual epilogue."""
+    """Each regime (and the widest GEMV without tensor cores, M = 8) at K = N = 4096, group 128,
+    fp16, 4-bit, with a residual epilogue."""
     variants = []
-    for m in (1, 16, 64, 256):
+    for m in (1, 8, 16, 64, 256):
         c = choose_config(m, 4096, 4096, 128, 4, arch)
         constants = dict(
             BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=True,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
-            USE_DOT=c.use_dot,
+            USE_DOT=c.use_dot, UPCAST=False, EVEN_K=True,
         )  # fmt: skip
         variants.append(
             Variant(_KERNEL, _signature("fp16"), constants, arch, c.num_warps, c.num_stages)
         )
+        if m == 16:  # bf16 checkpoints (most HF LLMs) take the same tiles
+            variants.append(
+                Variant(_KERNEL, _signature("bf16"), constants, arch, c.num_warps, c.num_stages)
+            )
     return variants

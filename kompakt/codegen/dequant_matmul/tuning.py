@@ -22,7 +22,11 @@ KERNEL = "dequant_matmul"
 
 
 def cache_key(m: int, weight: PackedWeight) -> str:
-    return bucket(KERNEL, m=m, n=weight.n, k=weight.k, g=weight.group_size, b=weight.bits)
+    """Shape bucket plus the activation dtype: a choice measured in fp16 (the CUDA C GEMV is
+    fp16 only) must not be taken for an fp32 or bf16 model of the same shapes."""
+    dtype = str(weight.scales.dtype).replace("torch.", "")
+    key = bucket(KERNEL, m=m, n=weight.n, k=weight.k, g=weight.group_size, b=weight.bits)
+    return f"{key}|{dtype}"
 
 
 def heuristic(m: int, weight: PackedWeight, arch: str = "sm_90") -> dict:

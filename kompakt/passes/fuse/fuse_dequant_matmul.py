@@ -57,9 +57,8 @@ class FuseDequantMatMul(Pass):
                 continue
             group, roles, attrs = _grow(model.graph, dq, matmul, self.epilogues)
             node = fuse_nodes(model, group, "dequant_matmul", attrs)
-            names = {id(v): role for v, role in roles.items()}
             node.attributes["roles"] = ir.AttrStrings(
-                "roles", [names.get(id(v), "other") for v in node.inputs]
+                "roles", ["+".join(roles.get(id(v), ["other"])) for v in node.inputs]
             )
             fused += 1
         return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
@@ -105,10 +104,18 @@ def _why_not(dq: ir.Node, matmul: ir.Node) -> str | None:
 
 
 def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
-    """The group (dq, matmul, epilogue nodes), the role of each outside input, the attributes."""
-    roles: dict[ir.Value, str] = {dq.inputs[0]: "q", dq.inputs[1]: "scale", matmul.inputs[0]: "x"}
+    """The group (dq, matmul, epilogue nodes), the roles of each outside input (one value may
+    have two, as in ``x + proj(x)``: x and residual), the attributes."""
+    roles: dict[int, list[str]] = {}
+
+    def role(value: ir.Value, name: str) -> None:
+        roles.setdefault(id(value), []).append(name)
+
+    role(dq.inputs[0], "q")
+    role(dq.inputs[1], "scale")
+    role(matmul.inputs[0], "x")
     if len(dq.inputs) > 2 and dq.inputs[2] is not None:
-        roles[dq.inputs[2]] = "zero"
+        role(dq.inputs[2], "zero")
     group = [dq, matmul]
     act, has_bias, has_residual = "none", False, False
     y = matmul.outputs[0]
@@ -118,7 +125,7 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         nxt = single_consumer(y, graph)
         other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
         if other is not None and other.const_value is not None and other.shape == ir.Shape([n]):
-            roles[other] = "bias"
+            role(other, "bias")
             group.append(nxt)
             y, has_bias = nxt.outputs[0], True
         act_nodes, act = _activation(y, graph)
@@ -128,7 +135,7 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         nxt = single_consumer(y, graph)
         other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
         if other is not None and other.const_value is None and same_shape(other, y):
-            roles[other] = "residual"
+            role(other, "residual")
             group.append(nxt)
             has_residual = True
     attrs = [
