@@ -154,3 +154,20 @@ def test_unpacked_weights_are_freed_and_a_refused_call_runs_the_body(captured, m
     summary = fresh._backend.summary()
     assert "at run time: refused for the test" in summary
     assert "FusedKernel[dequant_matmul] x14" in summary
+
+
+@pytest.mark.gpu
+def test_decode_steps_replay_a_cuda_graph(tiny):
+    """On a GPU, decode steps (one shape, met again and again) are captured once and replayed;
+    the tokens stay Hugging Face's. Expected to show whether reference shape ops that read
+    device values on the host still block capture (the summary then says why)."""
+    model = tiny("llama")
+    prompt = tokens((1, 5))
+    cm = kompakt.compile(model, (prompt,), target="a100", progress=False, kv_cache=16)
+    assert cm.backend == "triton"
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cm.generate(prompt.cuda(), max_new_tokens=6).cpu(), want)
+    summary = cm._backend.summary()
+    assert "CUDA graph captured" in summary, summary
+    assert len(cm._backend._graphs) == 1
