@@ -171,3 +171,29 @@ def test_decode_steps_replay_a_cuda_graph(tiny):
     summary = cm._backend.summary()
     assert "CUDA graph captured" in summary, summary
     assert len(cm._backend._graphs) == 1
+
+
+def test_triton_failures_fall_back_but_other_errors_propagate(captured, monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    from kompakt.codegen.dequant_matmul import bind as bind_module
+
+    ids = tokens(EXAMPLE_SHAPE)
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(300000, 232448, "shared memory")
+
+    monkeypatch.setattr(bind_module, "launch_choice", no_room)
+    triton, reference = _pair(captured, "llama")
+    torch.testing.assert_close(
+        first_output(triton(ids)), first_output(reference(ids)), rtol=1e-5, atol=1e-6
+    )
+    assert "shared memory" in triton._backend.summary()
+
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug, not a kernel limit")
+
+    monkeypatch.setattr(bind_module, "launch_choice", bug)
+    broken, _ = _pair(captured, "llama")
+    with pytest.raises(KompaktError, match="a bug, not a kernel limit"):
+        broken(ids)

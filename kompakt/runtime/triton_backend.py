@@ -106,7 +106,11 @@ class TritonBackend:
         def run(*inputs):
             try:
                 return state["run"](*inputs)
-            except CodegenError as err:
+            except Exception as err:
+                # a family's run-time check, or Triton itself (a kernel this Triton version or
+                # this GPU cannot compile or fit); anything else is a real error and propagates
+                if not isinstance(err, CodegenError) and not _from_triton(err):
+                    raise
                 self.fallbacks.append(f"{node.name} ({pattern}) at run time: {err}")
                 self.launched[pattern] -= 1
                 self.through_torch[f"FusedKernel[{pattern}]"] += 1
@@ -173,6 +177,10 @@ class TritonBackend:
                 self.graph_notes.append(f"CUDA graph capture failed, running eagerly: {err}")
                 self.cuda_graphs = False
         return outputs
+
+
+def _from_triton(err: Exception) -> bool:
+    return type(err).__module__.split(".")[0] == "triton"
 
 
 def _shapes(feeds: Mapping[str, torch.Tensor]) -> str:
