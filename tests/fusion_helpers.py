@@ -16,3 +16,19 @@ def compile_for_gpu(model, pipeline, backend="reference", **options):
 def first_output(out):
     """A compiled model's first output (it returns a tuple when the graph has several)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def assert_exports_standard_onnx(cm, folder, ids, rtol=1e-4, atol=1e-5):
+    """The compiled model exports with no kompakt ops left, and onnxruntime runs the file to
+    the compiled model's output."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    path = cm.export_onnx(folder / "m.onnx")
+    proto = onnx.load(path)
+    assert not any(n.domain == "kompakt" for n in proto.graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=rtol, atol=atol)
+    return proto

@@ -5,13 +5,11 @@ from __future__ import annotations
 import collections
 import math
 
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
-from fusion_helpers import compile_for_gpu, first_output
+from fusion_helpers import assert_exports_standard_onnx, compile_for_gpu, first_output
 from onnx import TensorProto, helper, numpy_helper
 
 import kompakt
@@ -66,13 +64,7 @@ def test_one_group_per_layer_computing_exactly_what_the_unfused_model_does(captu
 
 def test_export_is_standard_onnx_that_onnxruntime_runs(captured, tmp_path):
     cm = compile_for_gpu(captured("llama"), ATTN)
-    path = cm.export_onnx(tmp_path / "m.onnx")
-    proto = onnx.load(path)
-    assert not any(n.domain == "kompakt" for n in proto.graph.node)
-    ids = tokens(OTHER_SHAPE)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-4, atol=1e-5)
+    assert_exports_standard_onnx(cm, tmp_path, tokens(OTHER_SHAPE))
 
 
 @pytest.mark.parametrize(

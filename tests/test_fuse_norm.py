@@ -6,11 +6,10 @@ import collections
 
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import EXAMPLE_SHAPE, OTHER_SHAPE, tokens
-from fusion_helpers import compile_for_gpu, first_output
+from fusion_helpers import assert_exports_standard_onnx, compile_for_gpu, first_output
 from onnx import TensorProto, helper, numpy_helper
 
 import kompakt
@@ -101,13 +100,7 @@ def test_residual_can_be_left_out(captured):
 @pytest.mark.parametrize("name", ["llama", "opt"])
 def test_export_is_standard_onnx_that_onnxruntime_runs(captured, tmp_path, name):
     cm = compile_for_gpu(captured(name), NORM)
-    path = cm.export_onnx(tmp_path / "m.onnx")
-    proto = onnx.load(path)
-    assert not any(n.domain == "kompakt" for n in proto.graph.node)
-    ids = tokens(OTHER_SHAPE)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), first_output(cm(ids)), rtol=1e-4, atol=1e-5)
+    assert_exports_standard_onnx(cm, tmp_path, tokens(OTHER_SHAPE))
 
 
 @pytest.mark.parametrize(
