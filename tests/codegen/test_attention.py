@@ -210,6 +210,55 @@ def test_decode_agrees_with_prefill_on_the_last_position():
     assert_close(last, full[:, :, -1:], torch.float32)
 
 
+def cache_mask(batch, seq_kv, live, dtype, hidden=float("-inf")):
+    """A static cache's decode mask [B, 1, 1, Skv]: 0 on the first live[b] slots, `hidden` on
+    the rest (as kv_cache.py builds it)."""
+    slots = torch.arange(seq_kv, device=DEVICE)
+    dead = slots[None, :] >= torch.tensor(live, device=DEVICE)[:, None]
+    mask = torch.zeros(batch, seq_kv, device=DEVICE).masked_fill(dead, hidden)
+    return mask.view(batch, 1, 1, seq_kv).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_decode_with_a_mask_matches_reference_and_prefill(case, dtype):
+    batch, heads_q, heads_kv, seq_kv, head_dim, live = case
+    q, k, v = qkv(batch, heads_q, heads_kv, 1, seq_kv, head_dim, dtype, seed=21)
+    mask = cache_mask(batch, seq_kv, live, dtype)
+    mask = mask + rand(1, heads_q, 1, seq_kv, dtype=dtype, seed=22)  # per head, per slot
+    split = Config(block_n=16, num_splits=4)  # 16-key chunks, the last one partial
+    out = launch_flash_decode(q, k, v, None, config=split, mask=mask)
+    assert_close(out, attention_reference(q, k, v, False, mask=mask), dtype)
+    assert_close(out, launch_flash_prefill(q, k, v, False, mask=mask, config=TINY), dtype)
+    # With lengths as well, both apply: a length of 1 keeps slot 0 alone.
+    lengths = torch.ones(batch, dtype=torch.int32, device=DEVICE)
+    out = launch_flash_decode(q, k, v, lengths, config=split, mask=mask)
+    assert_close(out, attention_reference(q, k, v, False, lengths=lengths, mask=mask), dtype)
+
+
+def test_decode_mask_hidden_rows_finfo_min_and_bool():
+    q, k, v = qkv(3, 4, 2, 1, 45, 16, torch.float32, seed=23)
+    split = Config(block_n=16, num_splits=3)
+    # Batch 0 sees slot 40 only (one split), batch 1 nothing (-inf everywhere: zeros), batch 2
+    # sees 7 slots; finfo.min must not overflow on the way (the mask is never scaled).
+    mask = cache_mask(3, 45, [41, 0, 7], torch.float32, hidden=torch.finfo(torch.float32).min)
+    mask[0, ..., :40] = torch.finfo(torch.float32).min
+    mask[1] = float("-inf")
+    out = launch_flash_decode(q, k, v, None, config=split, mask=mask)
+    assert_close(out, attention_reference(q, k, v, False, mask=mask), torch.float32)
+    assert torch.all(out[1] == 0) and not out.isnan().any()
+    assert_close(out[0], v[0, :, 40:41].repeat_interleave(2, 0), torch.float32)
+    # finfo.min across a whole row: every score equal, a uniform average, as the reference says.
+    flat = torch.full((1, 1, 1, 45), torch.finfo(torch.float32).min, device=DEVICE)
+    out = launch_flash_decode(q, k, v, None, config=split, mask=flat)
+    assert_close(out, attention_reference(q, k, v, False, mask=flat), torch.float32)
+    keep = cache_mask(3, 45, [41, 0, 7], torch.float32) == 0
+    out = launch_flash_decode(q, k, v, None, config=split, mask=keep)
+    assert_close(out, attention_reference(q, k, v, False, mask=keep), torch.float32)
+    with pytest.raises(CodegenError, match=r"does not broadcast to the scores"):
+        launch_flash_decode(q, k, v, None, mask=f32(3, 1, 2, 45))
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
@@ -309,6 +358,7 @@ def test_aot_builds(arch):
         assert b.uses_wgmma if arch == "sm_90" else b.uses_mma and not b.uses_wgmma
     split = [b for b in built if b.variant.kernel.endswith("flash_decode_split_kernel")]
     assert split and all(b.uses_mma for b in split)  # 16-row head tile: mma.sync on both
+    assert sorted(b.variant.constants["MASK"] for b in split) == ["add", "none"]
 
 
 @pytest.mark.gpu
@@ -334,4 +384,13 @@ def test_gpu_prefill_padding_mask_real_size():
     mask = padding_mask(2, 1000, 1000, torch.float16, seed=21)
     out = launch_flash_prefill(q, k, v, causal=True, mask=mask)
     ref = attention_reference(q, k, v, True, mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cache_mask_real_size():
+    q, k, v = qkv(3, 32, 8, 1, 8192, 128, torch.float16)
+    mask = cache_mask(3, 8192, [1, 5000, 8192], torch.float16, torch.finfo(torch.float16).min)
+    out = launch_flash_decode(q, k, v, None, mask=mask)
+    ref = attention_reference(q, k, v, False, mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)

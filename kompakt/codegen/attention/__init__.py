@@ -10,13 +10,15 @@ fp32 softmax and accumulation (fp32 inputs run their dots as 3xTF32), output in 
   aligned causal mask (query i sees keys j <= i + Skv - Sq) and an optional mask broadcastable to
   [B, Hq, Sq, Skv], added to the scores (fp32/fp16) or keeping keys where True (bool). Rows that
   see no key give zeros (torch.onnx's SDPA: Where(IsNaN(softmax), 0, softmax)).
-- `launch_flash_decode(q, k_cache, v_cache, lengths, scale=None)`: Sq == 1 against a static KV
-  cache of which only the first lengths[b] keys are live; the key axis is split across programs
-  and the partial softmaxes combined by a second kernel (flash-decoding).
+- `launch_flash_decode(q, k_cache, v_cache, lengths, scale=None, config=None, mask=None)`:
+  Sq == 1 against a static KV cache of which only the first lengths[b] keys are live (None: all)
+  and, optionally, those a mask broadcastable to [B, Hq, 1, Skv] keeps (as prefill's); the key
+  axis is split across programs and the partial softmaxes combined by a second kernel.
 
 `attention_reference` (plain torch) defines the semantics; `.bind` binds the ``attention`` fused
-node of the fuse-attention pass to the prefill kernel. The launchers live in `.kernel`, which
-needs triton; they are loaded on first use, so importing this package does not import triton.
+node of the fuse-attention pass to the prefill kernel, or to decode for one query per sequence.
+The launchers live in `.kernel`, which needs triton; they are loaded on first use, so importing
+this package does not import triton.
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Binds an ``attention`` fused node (see passes/fuse/fuse_attention.py) to the prefill kernel.
+"""Binds an ``attention`` fused node (see passes/fuse/fuse_attention.py) to the prefill kernel,
+or, for a call with one query per sequence whose keys the heuristic splits (a decode step over a
+static KV cache: Sq = 1 against all Smax slots, the mask hiding the empty ones), to split-K decode.
 
 The node's ``roles`` name its inputs: ``q``, ``k``, ``v`` ([B, H, S, D], k and v before any GQA
 repeat), ``mask`` (added to the scores), and the operands the body needed but the kernel does not
@@ -15,7 +17,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 import torch
 
-from kompakt.codegen.attention.spec import HEAD_DIMS
+from kompakt.codegen.attention.spec import HEAD_DIMS, Config, choose_config
 from kompakt.codegen.binding import input_roles
 from kompakt.errors import CodegenError
 
@@ -26,7 +28,7 @@ _KNOWN_ROLES = {"q", "k", "v", "mask", "scale", "zero", "shape"}
 
 def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     """A kernel closure taking the fused node's inputs; returns the attention output."""
-    from kompakt.codegen.attention.kernel import launch_flash_prefill
+    from kompakt.codegen.attention.kernel import launch_flash_decode, launch_flash_prefill
 
     where = f"attention node '{node.name}'"
     index = input_roles(node, _KNOWN_ROLES, where)
@@ -71,9 +73,14 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
 
     def kernel(*inputs: torch.Tensor) -> torch.Tensor:
         mask = None if mask_at is None else inputs[mask_at]
-        out = launch_flash_prefill(
-            inputs[q_at], inputs[k_at], inputs[v_at], causal=causal, scale=scale, mask=mask
-        )
+        q, k, v = inputs[q_at], inputs[k_at], inputs[v_at]
+        decode = _decode_config(q, k)
+        if decode is not None:
+            # One query (a decode step over a static cache): split the keys across programs.
+            # Causal needs nothing here: the one query is the last position and sees every key.
+            out = launch_flash_decode(q, k, v, None, scale=scale, config=decode, mask=mask)
+        else:
+            out = launch_flash_prefill(q, k, v, causal=causal, scale=scale, mask=mask)
         if nan_rows and mask is not None and mask.is_floating_point():
             # The graph's softmax has no NaN guard: a row masked -inf everywhere is NaN there.
             # (No host sync: masked_fill runs on the device, so CUDA graphs still capture.)
@@ -83,6 +90,21 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
         return out
 
     return kernel
+
+
+def _decode_config(q: torch.Tensor, k: torch.Tensor) -> Config | None:
+    """The split-K decode config when q holds one query per sequence and the heuristic splits
+    its keys; None otherwise: with one split decode runs B * Hkv programs, no more than
+    prefill's B * Hq, and adds a combine launch, so prefill keeps those calls."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[2] != 1:
+        return None
+    from kompakt.codegen.attention.kernel import _arch
+
+    batch, heads_q, _, head_dim = q.shape
+    config = choose_config(
+        batch, heads_q, k.shape[1], 1, k.shape[2], head_dim, q.element_size(), _arch(q.device)
+    )
+    return config if config.num_splits > 1 else None
 
 
 def _check_mask(mask: ir.Value, q: ir.Value, k: ir.Value, where: str) -> None:

@@ -166,25 +166,28 @@ def flash_prefill_kernel(
 
 @triton.jit
 def flash_decode_split_kernel(
-    Q, K, V, Lengths, Mpart, Lpart, AccPart, qk_scale,
+    Q, K, V, Lengths, Mask, Mpart, Lpart, AccPart, qk_scale,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_mb, stride_mh, stride_mn,
     heads_kv, group, seq_kv, chunk, num_splits,
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch * kv head, key chunk): all `group` query heads of that kv head.
 
     The group's queries are the rows of one [BLOCK_H, D] tile (padded to 16 for tl.dot), so each
     K/V tile is read once for the whole group. Writes the unnormalized partial (m, l, acc).
+    Without HAS_LENGTHS every key of the cache is a candidate (Lengths is not read). MASK as in
+    _attend, indexed [b, h, j] (the query axis is 1): with one, m is in natural units, else base 2.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // heads_kv).to(tl.int64)
     kvh = (pid % heads_kv).to(tl.int64)
     # Clamped so a length beyond the cache cannot read past it.
-    length = tl.minimum(tl.load(Lengths + b), seq_kv)
+    length = tl.minimum(tl.load(Lengths + b), seq_kv) if HAS_LENGTHS else seq_kv
     start = split * chunk
     end = tl.minimum(start + chunk, length)  # <= start: this split has no live key
 
@@ -196,21 +199,23 @@ def flash_decode_split_kernel(
     q = tl.load(q_ptrs, mask=head_ok[:, None], other=0.0)
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
+    # The tile's rows are query heads, so _attend's row stride over the mask is its head stride
+    # and its row bound is the group (padding heads read no mask).
+    mask_base = Mask + b * stride_mb + kvh * group * stride_mh
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_D], tl.float32)
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-    # No mask here: K stands in for the mask pointer, the strides and row bound are unused.
     acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, k_base, v_base, K, start, full_end, offs_g, BLOCK_H, end, 0, qk_scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, 0, 0,
-        False, False, "none", HEAD_D, BLOCK_N, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, start, full_end, offs_g, group, end, 0,
+        qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
+        False, False, MASK, HEAD_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     acc, l_i, m_i = _attend(
-        acc, l_i, m_i, q, k_base, v_base, K, full_end, end, offs_g, BLOCK_H, end, 0, qk_scale,
-        stride_kn, stride_kd, stride_vn, stride_vd, 0, 0,
-        True, False, "none", HEAD_D, BLOCK_N, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, mask_base, full_end, end, offs_g, group, end, 0,
+        qk_scale, stride_kn, stride_kd, stride_vn, stride_vd, stride_mh, stride_mn,
+        True, False, MASK, HEAD_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     # Partials are [B * Hq, num_splits] and [B * Hq, num_splits, D], contiguous fp32.
     rows = (b * heads_kv * group + heads) * num_splits + split
@@ -224,10 +229,12 @@ def flash_decode_combine_kernel(
     Mpart, Lpart, AccPart, Out,
     stride_ob, stride_oh, stride_od,
     heads_q, num_splits,
-    HEAD_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_S: tl.constexpr, BASE2: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch * query head): out = sum_s w_s acc_s / sum_s w_s l_s,
-    w_s = exp2(m_s - max_s m_s). Empty splits (m = -inf) weigh 0; no live key at all gives 0."""
+    w_s = exp2(m_s - max_s m_s) (exp with BASE2 off: the maxima of a masked split are in
+    natural units, the same base its p were taken in, so the rescale is exact). Empty splits
+    (m = -inf) weigh 0; no live key at all gives 0."""
     pid = tl.program_id(0)
     b = (pid // heads_q).to(tl.int64)
     h = (pid % heads_q).to(tl.int64)
@@ -242,7 +249,8 @@ def flash_decode_combine_kernel(
     m_max = tl.max(m, 0)
     # Empty splits have m = -inf and weigh exp2(-inf) = 0; if all are empty, subtract 0 rather
     # than -inf so no -inf - -inf = NaN appears.
-    w = tl.exp2(m - tl.where(m_max > float("-inf"), m_max, 0.0))
+    m_sub = tl.where(m_max > float("-inf"), m_max, 0.0)
+    w = tl.exp2(m - m_sub) if BASE2 else tl.exp(m - m_sub)
     total = tl.sum(w * l_s, 0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_d * stride_od
@@ -314,14 +322,18 @@ def launch_flash_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    lengths: torch.Tensor,
+    lengths: torch.Tensor | None,
     scale: float | None = None,
     config: Config | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per sequence, q [B, Hq, 1, D], over the first lengths[b] keys of the caches.
+    """One query per sequence, q [B, Hq, 1, D], over the live keys of the caches.
 
-    k_cache/v_cache are [B, Hkv, Smax, D]; lengths is [B] int32/int64 on q's device. Values are
-    clamped to Smax on the device; a sequence of length 0 gets zeros.
+    k_cache/v_cache are [B, Hkv, Smax, D]. lengths, [B] int32/int64 on q's device, keeps the
+    first lengths[b] keys (values are clamped to Smax on the device); None keeps all Smax.
+    mask: optional, broadcastable to [B, Hq, 1, Smax], as launch_flash_prefill's (added to the
+    scaled scores, or bool keeping keys where True); it applies on top of lengths. A sequence
+    that sees no key (length 0, or a mask of -inf everywhere) gets zeros.
     """
     batch, heads_q, seq_q, head_dim, heads_kv, seq_kv = check_inputs(
         q, k_cache, v_cache, ("k_cache", "v_cache")
@@ -331,8 +343,18 @@ def launch_flash_decode(
             f"attention: decode takes one query per sequence, q is {tuple(q.shape)} "
             "(Sq != 1); use launch_flash_prefill"
         )
-    check_lengths(lengths, batch, q.device)
+    if lengths is not None:
+        check_lengths(lengths, batch, q.device)
+        lengths = lengths.to(torch.int32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if mask is None:
+        mask_kind, mask, mask_strides = "none", q, (0, 0, 0)  # q: any pointer, never read
+        qk_scale = scale * LOG2E  # base-2 softmax (see the module docstring)
+    else:
+        mask = check_mask(mask, (batch, heads_q, 1, seq_kv), q.device)
+        mask_kind = "bool" if mask.dtype == torch.bool else "add"
+        mask_strides = (mask.stride(0), mask.stride(1), mask.stride(3))
+        qk_scale = scale  # natural units: the mask is added as it is (see _attend)
     config = config or choose_config(
         batch, heads_q, heads_kv, 1, seq_kv, head_dim, q.element_size(), _arch(q.device)
     )
@@ -349,15 +371,16 @@ def launch_flash_decode(
     l_part = torch.empty(rows, dtype=torch.float32, device=q.device)
     acc_part = torch.empty(rows, head_dim, dtype=torch.float32, device=q.device)
     flash_decode_split_kernel[(batch * heads_kv, splits)](
-        q, k_cache, v_cache, lengths.to(torch.int32), m_part, l_part, acc_part, scale * LOG2E,
-        q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
-        heads_kv, group, seq_kv, chunk, splits,
+        q, k_cache, v_cache, q if lengths is None else lengths, mask, m_part, l_part, acc_part,
+        qk_scale, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
+        *mask_strides, heads_kv, group, seq_kv, chunk, splits,
         HEAD_D=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_LENGTHS=lengths is not None, MASK=mask_kind, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     flash_decode_combine_kernel[(batch * heads_q,)](
         m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(3),
-        heads_q, splits, HEAD_D=head_dim, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+        heads_q, splits, HEAD_D=head_dim, BLOCK_S=triton.next_power_of_2(splits),
+        BASE2=mask_kind == "none", num_warps=4,
     )  # fmt: skip
     return out

@@ -163,13 +163,15 @@ def prefill_signature(dtype: str, mask: str | None = None) -> dict[str, str]:
     return sig
 
 
-def decode_split_signature(dtype: str) -> dict[str, str]:
-    """Argument types of `flash_decode_split_kernel`."""
+def decode_split_signature(dtype: str, mask: str | None = None) -> dict[str, str]:
+    """Argument types of `flash_decode_split_kernel` (mask: as in prefill_signature)."""
     sig = {"Q": f"*{dtype}", "K": f"*{dtype}", "V": f"*{dtype}", "Lengths": "*i32"}
-    sig.update({"Mpart": "*fp32", "Lpart": "*fp32", "AccPart": "*fp32", "qk_scale": "fp32"})
+    sig.update({"Mask": f"*{mask or dtype}", "Mpart": "*fp32", "Lpart": "*fp32"})
+    sig.update({"AccPart": "*fp32", "qk_scale": "fp32"})
     sig.update(_strides("q", "bhd"))
     sig.update(_strides("k", "bhnd"))
     sig.update(_strides("v", "bhnd"))
+    sig.update(_strides("m", "bhn"))
     sig.update({"heads_kv": "i32", "group": "i32", "seq_kv": "i32", "chunk": "i32"})
     sig["num_splits"] = "i32"
     return sig
@@ -207,17 +209,26 @@ def _prefill_variant(
 def aot_variants(arch: str) -> list[Variant]:
     """What the tests compile: the fp16 D=128 prefill tiles (64 and 128 rows), the fp32 D=64
     prefill tile, the 64-row fp16 tile with an fp16 additive mask (what fuse-attention binds),
-    and the fp16 D=128 decode pair, all as the heuristic configures them."""
+    and the fp16 D=128 decode pairs (by lengths; by an fp16 mask), all as the heuristic
+    configures them."""
     out = [_prefill_variant("fp16", 128, prefill_tile(m, 128, arch), arch) for m in (64, 128)]
     out.append(_prefill_variant("fp32", 64, _prefill_config(1, 1, 4096, 64, 4, arch), arch))
     out.append(_prefill_variant("fp16", 128, prefill_tile(64, 128, arch), arch, mask="fp16"))
     decode = _decode_config(1, 8, 32768, 128, 2, arch)
-    sig = decode_split_signature("fp16")
-    consts = {"HEAD_D": 128, "BLOCK_H": 16, "BLOCK_N": decode.block_n, "DOT_PRECISION": "tf32"}
-    consts.update(_unit_inner_strides(sig))
-    kernel = f"{_MODULE}:flash_decode_split_kernel"
-    out.append(Variant(kernel, sig, consts, arch, decode.num_warps, decode.num_stages))
-    sig = decode_combine_signature("fp16")
-    consts = {"HEAD_D": 128, "BLOCK_S": 64, **_unit_inner_strides(sig)}  # up to MAX_SPLITS
-    out.append(Variant(f"{_MODULE}:flash_decode_combine_kernel", sig, consts, arch, 4, 1))
+    # Decode by lengths (the launcher's own use), and by an fp16 additive mask over every cache
+    # slot (what bind runs for a decode step of a captured static-cache model).
+    for mask in (None, "fp16"):
+        sig = decode_split_signature("fp16", mask)
+        consts = {"HEAD_D": 128, "BLOCK_H": 16, "BLOCK_N": decode.block_n}
+        consts.update(HAS_LENGTHS=mask is None, DOT_PRECISION="tf32")
+        consts["MASK"] = "none" if mask is None else "add"
+        consts.update(_unit_inner_strides(sig))
+        if mask is not None:
+            consts["stride_mn"] = 1
+        kernel = f"{_MODULE}:flash_decode_split_kernel"
+        out.append(Variant(kernel, sig, consts, arch, decode.num_warps, decode.num_stages))
+        sig = decode_combine_signature("fp16")
+        consts = {"HEAD_D": 128, "BLOCK_S": 64, **_unit_inner_strides(sig)}  # up to MAX_SPLITS
+        consts["BASE2"] = mask is None  # a masked split's maxima are in natural units
+        out.append(Variant(f"{_MODULE}:flash_decode_combine_kernel", sig, consts, arch, 4, 1))
     return out
