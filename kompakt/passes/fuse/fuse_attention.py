@@ -19,7 +19,7 @@ import onnx_ir as ir
 from kompakt.ir.fused import fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
-from kompakt.passes.fuse.match import const_tensor, is_op
+from kompakt.passes.fuse.match import Roles, const_tensor, is_op
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -80,23 +80,14 @@ class FuseAttention(Pass):
 @dataclass
 class _Group:
     nodes: list[ir.Node] = field(default_factory=list)
-    roles: dict[int, str] = field(default_factory=dict)  # id(value) -> role(s), "+"-joined
+    roles: Roles = field(default_factory=Roles)
     scale: float = 1.0
     nan_rows: bool = False  # unguarded masked softmax: a row masked whole is NaN, as in the graph
-
-    def role(self, value: ir.Value | None, name: str) -> None:
-        if value is None:
-            return
-        old = self.roles.get(id(value))
-        if old is None:
-            self.roles[id(value)] = name
-        elif name not in old.split("+"):  # one value, two roles (k and v, say)
-            self.roles[id(value)] = f"{old}+{name}"
 
     def take(self, nodes: list[ir.Node], shapes: list[ir.Value | None] = ()) -> None:
         self.nodes.extend(n for n in nodes if n not in self.nodes)
         for value in shapes:
-            self.role(value, "shape")
+            self.roles.add(value, "shape")
 
 
 def _match(softmax: ir.Node, graph: ir.Graph, opset: int) -> _Group | str | None:
@@ -105,7 +96,7 @@ def _match(softmax: ir.Node, graph: ir.Graph, opset: int) -> _Group | str | None
     guard = _nan_guard(probs)
     if guard is not None:
         group.take(guard[:2])
-        group.role(guard[2], "zero")
+        group.roles.add(guard[2], "zero")
         weights = guard[1].outputs[0]
     readers = [u.node for u in weights.uses()]
     pv = next((n for n in readers if is_op(n, "MatMul") and n.inputs[0] is weights), None)
@@ -124,7 +115,7 @@ def _match(softmax: ir.Node, graph: ir.Graph, opset: int) -> _Group | str | None
             if is_op(_peel(s, group.scale)[0].producer(), "MatMul"):
                 scores, mask = s, m
                 group.take([add])
-                group.role(mask, "mask")
+                group.roles.add(mask, "mask")
                 break
     scores, group.scale, peeled = _peel(scores, group.scale, group)
     qk = scores.producer()
@@ -153,7 +144,7 @@ def _match(softmax: ir.Node, graph: ir.Graph, opset: int) -> _Group | str | None
     # the kernel gives 0 there, so the binder writes NaN back into such rows.
     group.nan_rows = mask is not None and guard is None
     for name, value in (("q", q), ("k", k), ("v", v)):
-        group.role(value, name)
+        group.roles.add(value, name)
     inside = {id(n) for n in group.nodes}
     for value in (v for n in group.nodes if n is not pv for v in n.outputs):
         if value in graph.outputs or any(id(u.node) not in inside for u in value.uses()):
@@ -212,7 +203,7 @@ def _peel(value: ir.Value, scale: float, group: _Group | None = None):
                 scale *= c if node.op_type == "Mul" else 1.0 / c
                 nodes.append(node)
                 if group is not None:
-                    group.role(b, "scale")
+                    group.roles.add(b, "scale")
                 value = a
                 continue
         break
@@ -305,12 +296,11 @@ def _fuse(model: ir.Model, found: _Group) -> ir.Node:
     attrs = [
         ir.AttrFloat32("scale", found.scale),
         ir.AttrInt64("causal", 0),
-        ir.AttrInt64("has_mask", int(any("mask" in r.split("+") for r in found.roles.values()))),
+        ir.AttrInt64("has_mask", int(found.roles.has("mask"))),
         ir.AttrInt64("nan_rows", int(found.nan_rows)),
     ]
     node = fuse_nodes(model, found.nodes, "attention", attrs)
-    roles = [found.roles.get(id(v), "other") for v in node.inputs]
-    node.attributes["roles"] = ir.AttrStrings("roles", roles)
+    node.attributes["roles"] = found.roles.attribute(node)
     return node
 
 

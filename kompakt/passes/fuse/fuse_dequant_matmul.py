@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from kompakt.ir.fused import fuse_nodes
 from kompakt.passes.base import CompileContext, Pass, PassResult
-from kompakt.passes.fuse.match import other_input, same_shape, single_consumer
+from kompakt.passes.fuse.match import Roles, other_input, same_shape, single_consumer
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -57,9 +57,7 @@ class FuseDequantMatMul(Pass):
                 continue
             group, roles, attrs = _grow(model.graph, dq, matmul, self.epilogues)
             node = fuse_nodes(model, group, "dequant_matmul", attrs)
-            node.attributes["roles"] = ir.AttrStrings(
-                "roles", ["+".join(roles.get(id(v), ["other"])) for v in node.inputs]
-            )
+            node.attributes["roles"] = roles.attribute(node)
             fused += 1
         return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
 
@@ -106,16 +104,12 @@ def _why_not(dq: ir.Node, matmul: ir.Node) -> str | None:
 def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
     """The group (dq, matmul, epilogue nodes), the roles of each outside input (one value may
     have two, as in ``x + proj(x)``: x and residual), the attributes."""
-    roles: dict[int, list[str]] = {}
-
-    def role(value: ir.Value, name: str) -> None:
-        roles.setdefault(id(value), []).append(name)
-
-    role(dq.inputs[0], "q")
-    role(dq.inputs[1], "scale")
-    role(matmul.inputs[0], "x")
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
-        role(dq.inputs[2], "zero")
+    roles = Roles()
+    roles.add(dq.inputs[0], "q")
+    roles.add(dq.inputs[1], "scale")
+    roles.add(matmul.inputs[0], "x")
+    if len(dq.inputs) > 2:
+        roles.add(dq.inputs[2], "zero")
     group = [dq, matmul]
     act, has_bias, has_residual = "none", False, False
     y = matmul.outputs[0]
@@ -125,7 +119,7 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         nxt = single_consumer(y, graph)
         other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
         if other is not None and other.const_value is not None and other.shape == ir.Shape([n]):
-            role(other, "bias")
+            roles.add(other, "bias")
             group.append(nxt)
             y, has_bias = nxt.outputs[0], True
         act_nodes, act = _activation(y, graph)
@@ -135,7 +129,7 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         nxt = single_consumer(y, graph)
         other = other_input(nxt, y) if nxt is not None and nxt.op_type == "Add" else None
         if other is not None and other.const_value is None and same_shape(other, y):
-            role(other, "residual")
+            roles.add(other, "residual")
             group.append(nxt)
             has_residual = True
     attrs = [

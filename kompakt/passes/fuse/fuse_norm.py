@@ -17,6 +17,7 @@ from kompakt.ir.fused import body_of, fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.match import (
+    Roles,
     const_scalar,
     const_tensor,
     is_op,
@@ -88,13 +89,8 @@ class _Match:
     x: ir.Value  # the kernel's input (before any Cast in the group)
     out: ir.Value
     nodes: list[ir.Node]
-    roles: dict[int, str] = field(default_factory=dict)  # id(value) -> role
+    roles: Roles = field(default_factory=Roles)
     summed: ir.Value | None = None
-
-    def role(self, value: ir.Value, name: str) -> None:
-        old = self.roles.get(id(value))
-        # One value may fill two roles (a LayerNorm whose weight and bias are the same constant).
-        self.roles[id(value)] = name if old is None or old == name else f"{old}+{name}"
 
 
 def _match_rms(reduce: ir.Node, graph: ir.Graph) -> _Match | str | None:
@@ -151,15 +147,15 @@ def _match_rms(reduce: ir.Node, graph: ir.Graph) -> _Match | str | None:
     nodes.append(scale)
     found = _Match("rms", eps, xc, scale.outputs[0], nodes)
     _take_input_cast(found, graph, {id(square), id(normed)})
-    found.role(found.x, "x")
+    found.roles.add(found.x, "x")
     if square.op_type == "Pow":
-        found.role(square.inputs[1], "exponent")
+        found.roles.add(square.inputs[1], "exponent")
     if len(reduce.inputs) > 1 and reduce.inputs[1] is not None:
-        found.role(reduce.inputs[1], "axes")
-    found.role(eps_value, "eps")
+        found.roles.add(reduce.inputs[1], "axes")
+    found.roles.add(eps_value, "eps")
     if normed is not inv and inv.op_type == "Div":
-        found.role(inv.inputs[0], "one")
-    found.role(weight, "weight")
+        found.roles.add(inv.inputs[0], "one")
+    found.roles.add(weight, "weight")
     if found.x.dtype != found.out.dtype:
         return f"the norm reads {found.x.dtype.name} but writes {found.out.dtype.name}"
     return found
@@ -185,10 +181,10 @@ def _match_layer(node: ir.Node, graph: ir.Graph) -> _Match | str:
             return f"the {what} is not a constant [{d}]"
     eps = node.attributes.get("epsilon")
     found = _Match("layer", eps.as_float() if eps is not None else 1e-5, x, node.outputs[0], [node])
-    found.role(x, "x")
-    found.role(weight, "weight")
+    found.roles.add(x, "x")
+    found.roles.add(weight, "weight")
     if bias is not None:
-        found.role(bias, "bias")
+        found.roles.add(bias, "bias")
     if x.dtype != found.out.dtype:
         return f"the norm reads {x.dtype.name} but writes {found.out.dtype.name}"
     return found
@@ -234,20 +230,18 @@ def _take_residual(found: _Match, graph: ir.Graph) -> None:
     del found.roles[id(found.x)]
     found.nodes.insert(0, add)
     found.x = a
-    found.role(a, "x")
-    found.role(b, "residual")
+    found.roles.add(a, "x")
+    found.roles.add(b, "residual")
 
 
 def _fuse(model: ir.Model, found: _Match) -> ir.Node:
     attrs = [
         ir.AttrString("kind", found.kind),
         ir.AttrFloat32("eps", found.eps),
-        ir.AttrInt64("has_residual", int(any(r == "residual" for r in found.roles.values()))),
+        ir.AttrInt64("has_residual", int(found.roles.has("residual"))),
     ]
     node = fuse_nodes(model, found.nodes, "norm", attrs)
-    node.attributes["roles"] = ir.AttrStrings(
-        "roles", [found.roles.get(id(v), "other") for v in node.inputs]
-    )
+    node.attributes["roles"] = found.roles.attribute(node)
     # fuse_nodes orders outputs by their producers in the graph: the sum (if any) comes first.
     outputs = ["summed" if v is found.summed else "out" for v in body_of(node).outputs]
     node.attributes["output_roles"] = ir.AttrStrings("output_roles", outputs)

@@ -20,6 +20,7 @@ from kompakt.ir.fused import fuse_nodes
 from kompakt.ir.metadata import module_of, set_module
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.match import (
+    Roles,
     const_scalar,
     const_tensor,
     is_op,
@@ -94,8 +95,7 @@ class FuseQuantizedMatMul(Pass):
                 found.nodes[0] = _own_copy(graph, found.share, matmul)
                 copies += 1
             node = fuse_nodes(model, found.nodes, "scaled_matmul", found.attributes())
-            roles = [found.roles.get(id(v), "other") for v in node.inputs]
-            node.attributes["roles"] = ir.AttrStrings("roles", roles)
+            node.attributes["roles"] = found.roles.attribute(node)
             fused += 1
         for dq in shared.values():  # every reader got its own copy: the shared one is dead
             if not dq.outputs[0].uses() and dq.outputs[0] not in graph.outputs:
@@ -112,16 +112,7 @@ class _Found:
     quantize: bool
     share: ir.Node | None  # the shared activation DQ this MatMul gets a copy of
     has_bias: bool = False
-    roles: dict[int, str] = field(default_factory=dict)  # id(value) -> role(s), "+"-joined
-
-    def role(self, value: ir.Value | None, name: str) -> None:
-        if value is None:
-            return
-        old = self.roles.get(id(value))
-        if old is None:
-            self.roles[id(value)] = name
-        elif name not in old.split("+"):  # one constant, two roles
-            self.roles[id(value)] = f"{old}+{name}"
+    roles: Roles = field(default_factory=Roles)
 
     def attributes(self) -> list[ir.Attr]:
         return [
@@ -165,31 +156,31 @@ def _match(graph: ir.Graph, matmul: ir.Node, many: set[int]) -> _Found | str | N
     share = dq_x if id(dq_x) in many else None
     quantization = None if share else _quantization(graph, dq_x)
     found = _Found([dq_x, dq_w, matmul], _KINDS[xq.dtype], act_scale, bool(quantization), share)
-    found.role(dq_w.inputs[0], "wq")
-    found.role(dq_w.inputs[1], "w_scale")
-    found.role(_input(dq_w, 2), "w_zero")
+    found.roles.add(dq_w.inputs[0], "wq")
+    found.roles.add(dq_w.inputs[1], "w_scale")
+    found.roles.add(_input(dq_w, 2), "w_zero")
     if quantization is None:
-        found.role(xq, "xq")
-        found.role(s, "act_scale")
-        found.role(x_zero, "act_zero")
+        found.roles.add(xq, "xq")
+        found.roles.add(s, "act_scale")
+        found.roles.add(x_zero, "act_zero")
     else:
         q, chain = quantization
         found.nodes += [q, *chain]
-        found.role(q.inputs[0], "x")
-        found.role(x_zero, "act_zero")
+        found.roles.add(q.inputs[0], "x")
+        found.roles.add(x_zero, "act_zero")
         if chain:
             red, div, mx = chain[1], chain[2], chain[3]
-            found.role(_input(red, 1), "act_axes")
-            found.role(div.inputs[1], "act_qmax")
-            found.role(other_input(mx, div.outputs[0]), "act_floor")
+            found.roles.add(_input(red, 1), "act_axes")
+            found.roles.add(div.inputs[1], "act_qmax")
+            found.roles.add(other_input(mx, div.outputs[0]), "act_floor")
         else:
-            found.role(s, "act_scale")
+            found.roles.add(s, "act_scale")
     add = single_consumer(matmul.outputs[0], graph)
     bias = other_input(add, matmul.outputs[0]) if is_op(add, "Add") else None
     tensor = const_tensor(bias)
     if tensor is not None and list(tensor.shape) == [n]:
         found.nodes.append(add)
-        found.role(bias, "bias")
+        found.roles.add(bias, "bias")
         found.has_bias = True
     return found
 

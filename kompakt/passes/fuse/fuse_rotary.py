@@ -16,7 +16,14 @@ import onnx_ir as ir
 from kompakt.ir.fused import fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
-from kompakt.passes.fuse.match import const_tensor, is_op, other_input, same_shape, single_consumer
+from kompakt.passes.fuse.match import (
+    Roles,
+    const_tensor,
+    is_op,
+    other_input,
+    same_shape,
+    single_consumer,
+)
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -71,16 +78,7 @@ class _Group:
     nodes: list[ir.Node]
     x: ir.Value
     rotary_dim: int
-    roles: dict[int, str] = field(default_factory=dict)  # id(value) -> role(s), "+"-joined
-
-    def role(self, value: ir.Value | None, name: str) -> None:
-        if value is None:
-            return
-        old = self.roles.get(id(value))
-        if old is None:
-            self.roles[id(value)] = name
-        elif name not in old.split("+"):  # one constant as start of one Slice, end of another
-            self.roles[id(value)] = f"{old}+{name}"
+    roles: Roles = field(default_factory=Roles)
 
 
 def _match(neg: ir.Node, graph: ir.Graph) -> _Group | str | None:
@@ -131,11 +129,11 @@ def _match(neg: ir.Node, graph: ir.Graph) -> _Group | str | None:
     group = _Group([neg_slice, plain_slice, neg, cat, mul_sin, mul_cos, add], xr, r)
     for s in (neg_slice, plain_slice):
         for value in s.inputs[1:]:
-            group.role(value, "bound")
-    group.role(cos, "cos")
-    group.role(sin, "sin")
+            group.roles.add(value, "bound")
+    group.roles.add(cos, "cos")
+    group.roles.add(sin, "sin")
     _take_partial(group, add, graph)
-    group.role(group.x, "x")
+    group.roles.add(group.x, "x")
     return group
 
 
@@ -191,7 +189,7 @@ def _take_partial(group: _Group, add: ir.Node, graph: ir.Graph) -> None:
     group.nodes.append(out_cat)
     for s in (rot_slice, pass_slice):
         for value in s.inputs[1:]:
-            group.role(value, "bound")
+            group.roles.add(value, "bound")
     group.x = x
 
 
@@ -237,6 +235,5 @@ def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
 
 def _fuse(model: ir.Model, found: _Group) -> ir.Node:
     node = fuse_nodes(model, found.nodes, "rotary", [ir.AttrInt64("rotary_dim", found.rotary_dim)])
-    roles = [found.roles.get(id(v), "other") for v in node.inputs]
-    node.attributes["roles"] = ir.AttrStrings("roles", roles)
+    node.attributes["roles"] = found.roles.attribute(node)
     return node

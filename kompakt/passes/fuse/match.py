@@ -57,3 +57,25 @@ def other_input(node: ir.Node | None, value: ir.Value) -> ir.Value | None:
 def same_shape(a: ir.Value, b: ir.Value) -> bool:
     """Both shapes known and equal dim for dim (symbolic dims by name)."""
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
+
+
+class Roles(dict):
+    """``id(value) -> role`` for a fused group's outside inputs; a value with several roles
+    (one constant as a weight and a bias, k and v the same tensor) gets them ``+``-joined, which
+    is how binders read them back (`kompakt.codegen.binding.input_roles`)."""
+
+    def add(self, value: ir.Value | None, name: str) -> None:
+        if value is None:
+            return
+        old = self.get(id(value))
+        if old is None:
+            self[id(value)] = name
+        elif name not in old.split("+"):
+            self[id(value)] = f"{old}+{name}"
+
+    def has(self, name: str) -> bool:
+        return any(name in roles.split("+") for roles in self.values())
+
+    def attribute(self, node: ir.Node) -> ir.Attr:
+        """The fused node's ``roles`` attribute: one entry per input, ``other`` if unnamed."""
+        return ir.AttrStrings("roles", [self.get(id(v), "other") for v in node.inputs])
