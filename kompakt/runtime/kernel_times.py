@@ -18,6 +18,7 @@ from kompakt.errors import KompaktError
 from kompakt.ir.metadata import module_of
 from kompakt.report import KernelTime
 from kompakt.runtime.plan import ExecutionPlan
+from kompakt.runtime.profile import shape_recorder
 from kompakt.targets.cost_model import CostModel
 from kompakt.targets.hardware import HardwareSpec
 
@@ -40,13 +41,7 @@ def measure(
         return time.perf_counter()
 
     shapes: dict[str, tuple[int, ...]] = {name: tuple(t.shape) for name, t in feeds.items()}
-
-    def record(node, inputs, outputs) -> None:  # the warm-up run gives the cost model its shapes
-        for value, tensor in zip(node.outputs, outputs, strict=False):
-            if value.name and isinstance(tensor, torch.Tensor):
-                shapes[value.name] = tuple(tensor.shape)
-
-    plan.run(feeds, observer=record)
+    plan.run(feeds, observer=shape_recorder(shapes))  # the warm-up gives the cost model shapes
     runs = []
     for _ in range(repeats):
         plan.run(feeds, clock=clock)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import torch
 
 from kompakt.ir.tensors import torch_dtype
-from kompakt.runtime.plan import ExecutionPlan
+from kompakt.runtime.plan import ExecutionPlan, Observer
 
 
 def observed_shapes(
@@ -16,14 +16,19 @@ def observed_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """Runs the reference runtime once and records each named value's shape."""
     shapes: dict[str, tuple[int, ...]] = {name: tuple(t.shape) for name, t in feeds.items()}
+    ExecutionPlan(model).run(feeds, observer=shape_recorder(shapes))
+    return shapes
+
+
+def shape_recorder(shapes: dict[str, tuple[int, ...]]) -> Observer:
+    """An observer for `ExecutionPlan.run` that writes each named output's shape into ``shapes``."""
 
     def record(node: ir.Node, inputs, outputs) -> None:
         for value, tensor in zip(node.outputs, outputs, strict=False):
             if value.name and isinstance(tensor, torch.Tensor):
                 shapes[value.name] = tuple(tensor.shape)
 
-    ExecutionPlan(model).run(feeds, observer=record)
-    return shapes
+    return record
 
 
 def synthetic_feeds(model: ir.Model, dim_value: int = 1) -> tuple[dict[str, torch.Tensor], str]:
