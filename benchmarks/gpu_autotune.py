@@ -48,9 +48,10 @@ def main(argv=None) -> None:
         launch_choice,
         tune_shape,
     )
+    from kompakt.codegen.devices import tuning_arch
 
     env = environment()
-    arch = "sm_90" if torch.cuda.get_device_capability()[0] >= 9 else "sm_80"
+    arch = tuning_arch(torch.device("cuda"))
     cache = AutotuneCache.for_device(env["device"])
     timer = cuda_timer(repeats=10 if args.quick else 30)
     print(f"gpu_autotune on {env['device']} ({arch}), {env['date']}", flush=True)

@@ -316,6 +316,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     require_cuda("gpu_kernels")
     from kompakt.codegen.dequant_matmul.kernel import launch_dequant_matmul
+    from kompakt.codegen.devices import tuning_arch
 
     sizes, ms = (QUICK_SIZES, QUICK_MS) if args.quick else (SIZES, MS)
     reps = args.reps or (20 if args.quick else 50)
@@ -332,7 +333,7 @@ def main(argv=None) -> None:
         except ImportError as err:
             notes.append(f"CUDA C GEMV not measured: {err}")
         else:
-            arch = "sm_90" if torch.cuda.get_device_capability()[0] >= 9 else "sm_80"
+            arch = tuning_arch(torch.device("cuda"))
             failed = build_cuda_gemv(sizes, gemv_m, arch)
             notes += [f"CUDA C GEMV build failed for {c}: {e}" for c, e in failed.items()]
             gemv = None if failed else launch_cuda_gemv

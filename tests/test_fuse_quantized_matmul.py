@@ -304,7 +304,7 @@ def test_binder_refuses_what_the_device_cannot_run(monkeypatch):
     from kompakt.codegen.scaled_matmul import bind as binder
 
     (node,) = _groups(compile_for_gpu(_qdq_model(kind="fp8"), HAND).ir)
-    monkeypatch.setattr(binder, "_arch", lambda device: "sm_80")
+    monkeypatch.setattr(binder, "exact_arch", lambda device: "sm_80")
     with pytest.raises(CodegenError, match=r"fp8 matmul needs sm_89\+, the device is sm_80"):
         binder.bind(node, torch.device("cpu"))
 

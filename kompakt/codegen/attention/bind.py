@@ -19,6 +19,7 @@ import torch
 
 from kompakt.codegen.attention.spec import HEAD_DIMS, Config, choose_config
 from kompakt.codegen.binding import input_roles
+from kompakt.codegen.devices import tuning_arch
 from kompakt.errors import CodegenError
 
 _DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -98,11 +99,9 @@ def _decode_config(q: torch.Tensor, k: torch.Tensor) -> Config | None:
     prefill's B * Hq, and adds a combine launch, so prefill keeps those calls."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[2] != 1:
         return None
-    from kompakt.codegen.attention.kernel import _arch
-
     batch, heads_q, _, head_dim = q.shape
     config = choose_config(
-        batch, heads_q, k.shape[1], 1, k.shape[2], head_dim, q.element_size(), _arch(q.device)
+        batch, heads_q, k.shape[1], 1, k.shape[2], head_dim, q.element_size(), tuning_arch(q.device)
     )
     return config if config.num_splits > 1 else None
 

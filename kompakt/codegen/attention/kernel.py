@@ -19,6 +19,7 @@ from kompakt.codegen.attention.checks import (
     check_mask,
 )
 from kompakt.codegen.attention.spec import Config, choose_config
+from kompakt.codegen.devices import tuning_arch
 from kompakt.errors import CodegenError
 
 LOG2E = 1.4426950408889634
@@ -257,12 +258,6 @@ def flash_decode_combine_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
 
-def _arch(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
-    return "sm_90"  # the interpreter: any shape heuristic works, take the newest
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs promise fp32 math: plain tf32 would round the operands to 10 mantissa bits, and
     # "ieee" has no tensor-core path (ptxas spilled kilobytes). 3xTF32 splits each operand in a
@@ -300,7 +295,7 @@ def launch_flash_prefill(
         mask_strides = mask.stride()
         qk_scale = scale  # natural units: the mask is added as it is (see _attend)
     config = config or choose_config(
-        batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, q.element_size(), _arch(q.device)
+        batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, q.element_size(), tuning_arch(q.device)
     )
     check_config(config)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -356,7 +351,7 @@ def launch_flash_decode(
         mask_strides = (mask.stride(0), mask.stride(1), mask.stride(3))
         qk_scale = scale  # natural units: the mask is added as it is (see _attend)
     config = config or choose_config(
-        batch, heads_q, heads_kv, 1, seq_kv, head_dim, q.element_size(), _arch(q.device)
+        batch, heads_q, heads_kv, 1, seq_kv, head_dim, q.element_size(), tuning_arch(q.device)
     )
     check_config(config)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

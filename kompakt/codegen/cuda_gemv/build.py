@@ -23,6 +23,7 @@ import torch
 from kompakt.codegen.cuda_gemv.render import FUNCTION, declaration, render, render_kernel
 from kompakt.codegen.cuda_gemv.spec import ARCHS, Config, choose_config
 from kompakt.codegen.dequant_matmul.layout import PackedWeight
+from kompakt.codegen.devices import tuning_arch
 from kompakt.errors import CodegenError
 
 _LOADED: dict[str, object] = {}  # source sha256 -> the imported extension module
@@ -115,9 +116,7 @@ def launch_cuda_gemv(
     config: Config | None = None,
 ) -> torch.Tensor:
     """``y = x @ W (+ bias)`` in fp16 for x [..., K] and a 4-bit `PackedWeight`; y is [..., N]."""
-    arch = "sm_90"
-    if torch.cuda.is_available() and x.is_cuda:
-        arch = "sm_90" if torch.cuda.get_device_capability(x.device)[0] >= 9 else "sm_80"
+    arch = tuning_arch(x.device)
     x2, config = check_inputs(x, packed, bias, config, arch)
     if not x.is_cuda:
         raise CodegenError(f"cuda_gemv: x is on {x.device}; the kernel needs CUDA tensors")

@@ -19,6 +19,7 @@ from kompakt.codegen.binding import input_roles
 from kompakt.codegen.dequant_matmul.layout import pack
 from kompakt.codegen.dequant_matmul.spec import choose_config
 from kompakt.codegen.dequant_matmul.tuning import cache_key, heuristic, launch_choice
+from kompakt.codegen.devices import tuning_arch
 from kompakt.ir.fused import body_of
 from kompakt.ir.tensors import to_torch, torch_dtype
 
@@ -54,7 +55,7 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     act = node.attributes["act"].as_string()
     x_at, residual_at = index["x"], index.get("residual")
     tuned = AutotuneCache.for_device(device_name(device))
-    arch = _arch(device)
+    arch = tuning_arch(device)
     choices: dict[int, dict] = {}  # rows -> kernel choice, decided once per M
 
     def kernel(*inputs: torch.Tensor) -> torch.Tensor:
@@ -79,10 +80,3 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu-interpreter"
-
-
-def _arch(device: torch.device) -> str:
-    """The tuning heuristics' arch: sm_90 for Hopper and newer (and the interpreter), else sm_80."""
-    if device.type != "cuda":
-        return "sm_90"
-    return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"

@@ -28,6 +28,7 @@ import onnx_ir as ir
 import torch
 
 from kompakt.codegen.binding import input_roles
+from kompakt.codegen.devices import exact_arch
 from kompakt.codegen.scaled_matmul.spec import capability
 from kompakt.errors import CodegenError
 from kompakt.ir.fused import body_of
@@ -57,7 +58,7 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     if kind not in _KINDS or act_scale not in _SCALES:
         raise CodegenError(f"{where}: kind '{kind}' / act_scale '{act_scale}' is not supported")
     _, torch_code, qmax, lowest = _KINDS[kind]
-    arch = _arch(device)
+    arch = exact_arch(device)
     if capability(arch) < lowest:
         raise CodegenError(f"{where}: the {kind} matmul needs sm_{lowest}+, the device is {arch}")
     index = input_roles(node, _ROLES, where)
@@ -213,14 +214,6 @@ def _feeds(node: ir.Node, target: ir.Node) -> bool:
                 seen.add(id(producer))
                 stack.append(producer)
     return False
-
-
-def _arch(device: torch.device) -> str:
-    """The device's ``sm_XY``; the interpreter on the CPU stands for sm_90."""
-    if device.type != "cuda":
-        return "sm_90"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm_{major}{minor}"
 
 
 def _string(node: ir.Node, name: str) -> str | None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from kompakt.codegen.devices import exact_arch
 from kompakt.codegen.scaled_matmul.kernel import (
     quantize_rows_kernel,
     row_amax_kernel,
@@ -139,10 +140,7 @@ def launch_scaled_matmul(
 def device_arch(t: torch.Tensor) -> str:
     """The arch of the GPU ``t`` lives on; sm_90 on the CPU (the interpreter only exercises the
     tiling there)."""
-    if t.is_cuda:
-        major, minor = torch.cuda.get_device_capability(t.device)
-        return f"sm_{major}{minor}"
-    return "sm_90"
+    return exact_arch(t.device)
 
 
 def _check_scale(name: str, s: torch.Tensor, shape: tuple, like: torch.Tensor) -> torch.Tensor:
