@@ -63,16 +63,7 @@ def fuse_nodes(
     ordered = [n for n in graph if id(n) in members]
     if len(ordered) != len(members):
         raise KompaktError(f"cannot fuse '{pattern}': some nodes are not in the main graph")
-    externals: list[ir.Value] = []
-    seen: set[int] = set()
-    for node in ordered:
-        for value in node.inputs:
-            if value is None or id(value) in seen:
-                continue
-            producer = value.producer()
-            if producer is None or id(producer) not in members:
-                seen.add(id(value))
-                externals.append(value)
+    externals = group_inputs(ordered)
     graph_outputs = {id(v) for v in graph.outputs}
     escaping = [
         value
@@ -137,6 +128,23 @@ def _node_name(graph: ir.Graph, pattern: str, module: str) -> str:
     while name in taken:
         name, i = f"{base}_{i}", i + 1
     return name
+
+
+def group_inputs(ordered: Sequence[ir.Node]) -> list[ir.Value]:
+    """The values a group of nodes (in graph order) reads from outside itself, in first-use
+    order: what `fuse_nodes` makes the fused node's inputs."""
+    members = {id(n) for n in ordered}
+    externals: list[ir.Value] = []
+    seen: set[int] = set()
+    for node in ordered:
+        for value in node.inputs:
+            if value is None or id(value) in seen:
+                continue
+            producer = value.producer()
+            if producer is None or id(producer) not in members:
+                seen.add(id(value))
+                externals.append(value)
+    return externals
 
 
 def inline_fused(model: ir.Model) -> ir.Model:

@@ -20,7 +20,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.codegen.pointwise.chain import POINTWISE_OPS
-from kompakt.ir.fused import fuse_nodes, is_fused
+from kompakt.ir.fused import fuse_nodes, group_inputs, is_fused
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.registry import register_pass
 
@@ -248,10 +248,9 @@ def _reaches(starts, targets, bound, order, skip) -> ir.Node | None:
 def _dtype_problem(nodes, order) -> str | None:
     """The kernel reads every non-scalar input in one dtype: the first float input's (in the
     order fuse_nodes gives the fused node's inputs); scalars are widened, so any float works."""
-    inside = {id(n) for n in nodes}
     shape = nodes[0].outputs[0].shape
     first = None
-    for value in _externals(sorted(nodes, key=lambda n: order[id(n)]), inside):
+    for value in group_inputs(sorted(nodes, key=lambda n: order[id(n)])):
         if value.dtype == _D.BOOL:
             continue  # a Where condition
         if first is None:
@@ -262,19 +261,6 @@ def _dtype_problem(nodes, order) -> str | None:
                 f"{first.dtype.name}: one kernel reads one dtype"
             )
     return None
-
-
-def _externals(nodes, inside) -> list[ir.Value]:
-    seen, values = set(), []
-    for node in nodes:
-        for value in node.inputs:
-            if value is None or id(value) in seen:
-                continue
-            producer = value.producer()
-            if producer is None or id(producer) not in inside:
-                seen.add(id(value))
-                values.append(value)
-    return values
 
 
 def _escaping(group, graph) -> bool:
