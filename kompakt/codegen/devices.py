@@ -22,3 +22,10 @@ def tuning_arch(device: torch.device) -> str:
     if device.type != "cuda":
         return "sm_90"
     return "sm_90" if torch.cuda.get_device_capability(device)[0] >= 9 else "sm_80"
+
+
+def autotune_device(device: torch.device) -> str:
+    """The autotune cache's device key: the GPU's name, or 'cpu-interpreter'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter"

@@ -19,7 +19,7 @@ from kompakt.codegen.binding import input_roles
 from kompakt.codegen.dequant_matmul.layout import pack
 from kompakt.codegen.dequant_matmul.spec import choose_config
 from kompakt.codegen.dequant_matmul.tuning import cache_key, heuristic, launch_choice
-from kompakt.codegen.devices import tuning_arch
+from kompakt.codegen.devices import autotune_device, tuning_arch
 from kompakt.ir.fused import body_of
 from kompakt.ir.tensors import to_torch, torch_dtype
 
@@ -54,7 +54,7 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
         bias = to_torch(node.inputs[index["bias"]].const_value).to(device)
     act = node.attributes["act"].as_string()
     x_at, residual_at = index["x"], index.get("residual")
-    tuned = AutotuneCache.for_device(device_name(device))
+    tuned = AutotuneCache.for_device(autotune_device(device))
     arch = tuning_arch(device)
     choices: dict[int, dict] = {}  # rows -> kernel choice, decided once per M
 
@@ -73,10 +73,3 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     # the backend may free these constants: the packed copy above is what the kernel reads
     kernel.unread_inputs = tuple(index[r] for r in ("q", "scale", "zero", "bias") if r in index)
     return kernel
-
-
-def device_name(device: torch.device) -> str:
-    """The autotune cache's device key: the GPU's name, or 'cpu-interpreter'."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu-interpreter"
