@@ -122,6 +122,19 @@ def test_capture_names_inputs_outputs_and_dims(llama_cache):
     assert "lm_head.weight" in graph.graph.initializers
 
 
+def test_capture_leaves_the_model_as_it_was():
+    """The wrapper is a fresh module (training mode); capturing through it must not switch the
+    wrapped model's dropout on."""
+    model = tiny_models.make("gpt2")  # dropout 0.1: train mode would change its output
+    ids = tokens((2, 6))
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    _capture(model, batch=1, max_length=MAX_LENGTH)
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before)
+
+
 def test_cache_spec_of_a_graph_without_cache_is_none():
     assert cache_spec_of(tiny_models.linear_model(torch.ones(4, 4))) is None
 

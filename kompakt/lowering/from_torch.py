@@ -200,8 +200,10 @@ def _flatten_into(obj: Any, name: str, out: list, top: bool = False) -> None:
 
 @contextlib.contextmanager
 def _capture_mode(module: torch.nn.Module):
-    """eval mode and (for Hugging Face models) use_cache=False while capturing."""
-    was_training = module.training
+    """eval mode and (for Hugging Face models) use_cache=False while capturing; afterwards every
+    submodule is back in its own mode (a wrapper made for capture, like kv_cache's, is in
+    training mode, and ``train(True)`` on it would switch on the wrapped model's dropout)."""
+    modes = [(m, m.training) for m in module.modules()]
     config = getattr(module, "config", None)
     had_cache = getattr(config, "use_cache", None)
     module.eval()
@@ -210,7 +212,8 @@ def _capture_mode(module: torch.nn.Module):
     try:
         yield
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
         if had_cache is not None:
             config.use_cache = had_cache
 
