@@ -47,9 +47,7 @@ def gather_elements(node: NodeInfo) -> Kernel:
 
 def _nd_index(data_shape: torch.Size, indices: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The last axis of ``indices`` as one index tensor per leading data axis, wrapped."""
-    depth = indices.shape[-1]
-    sizes = torch.tensor(data_shape[:depth], dtype=torch.int64, device=indices.device)
-    return tuple(_wrap(indices, sizes).unbind(-1))
+    return tuple(_wrap(i, size) for i, size in zip(indices.unbind(-1), data_shape, strict=False))
 
 
 @op("GatherND")
@@ -87,10 +85,10 @@ def scatter_nd(node: NodeInfo) -> Kernel:
         # Linearize the first `depth` axes so that every update addresses one row.
         rows = x.reshape(math.prod(x.shape[:depth]), *x.shape[depth:]).clone()
         flat_i = indices.reshape(-1, depth)
-        strides = torch.tensor(
-            [math.prod(x.shape[k + 1 : depth]) for k in range(depth)], device=x.device
+        linear = sum(
+            i * math.prod(x.shape[k + 1 : depth])
+            for k, i in enumerate(_nd_index(x.shape, flat_i))
         )
-        linear = (torch.stack(_nd_index(x.shape, flat_i), -1) * strides).sum(-1)
         flat_u = (raw(updates) if reduction == "none" else updates).reshape(-1, *x.shape[depth:])
         if reduction == "none":
             rows.index_copy_(0, linear, flat_u)
@@ -100,6 +98,15 @@ def scatter_nd(node: NodeInfo) -> Kernel:
         return rows.reshape(x.shape)
 
     return kernel if reduction != "none" else moves_data(kernel)
+
+
+def scatter_nd_in_place(x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor):
+    """ScatterND without reduction, written into ``x`` (returned): for a run allowed to overwrite
+    ``x`` (kompakt.runtime.in_place)."""
+    depth = indices.shape[-1]
+    index = _nd_index(x.shape, indices.reshape(-1, depth))
+    raw(x).index_put_(index, raw(updates).reshape(-1, *x.shape[depth:]))
+    return x
 
 
 def _scatter_elements(axis: int, reduction: str) -> Kernel:

@@ -187,7 +187,7 @@ def matmul_nbits(node: NodeInfo) -> Kernel:
         codes = _unpack(b.reshape(n, n_blocks, -1), bits).to(compute)  # [N, blocks, block]
         scale = scales.reshape(n, n_blocks, 1).to(compute)
         if zero_points is None:
-            zp = torch.tensor(2 ** (bits - 1), dtype=compute, device=a.device)
+            zp = 2 ** (bits - 1)
         elif zero_points.dtype == torch.uint8:  # packed like B, each row padded to a byte
             zp = _unpack(zero_points.reshape(n, -1), bits)[:, :n_blocks]
             zp = zp.reshape(n, n_blocks, 1).to(compute)
