@@ -42,7 +42,10 @@ _FLOAT8 = frozenset(
 class Backend(Protocol):
     name: str
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]: ...
+    def run(self, feeds: Mapping[str, torch.Tensor], donate: bool = False) -> list[torch.Tensor]:
+        """Graph outputs in order for ``feeds`` (every input by name). ``donate``: the caller
+        will not read the feeds again, so the backend may overwrite them (in_place)."""
+        ...
 
 
 class ReferenceBackend:
@@ -54,8 +57,8 @@ class ReferenceBackend:
         self.plan = ExecutionPlan(model, device)
         self.device = self.plan.device
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        return self.plan.run({k: v.to(self.device) for k, v in feeds.items()})
+    def run(self, feeds: Mapping[str, torch.Tensor], donate: bool = False) -> list[torch.Tensor]:
+        return self.plan.run({k: v.to(self.device) for k, v in feeds.items()}, donate=donate)
 
 
 class OnnxRuntimeBackend:
@@ -119,8 +122,8 @@ class OnnxRuntimeBackend:
         finally:
             model.ir_version = saved
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        inputs = {name: _to_numpy(name, t) for name, t in feeds.items()}
+    def run(self, feeds: Mapping[str, torch.Tensor], donate: bool = False) -> list[torch.Tensor]:
+        inputs = {name: _to_numpy(name, t) for name, t in feeds.items()}  # copies: donate moot
         try:
             outputs = self.session.run(None, inputs)
         except Exception as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,8 @@ class CompiledModel:
                 "this model has no KV cache inputs; compile it with "
                 "kompakt.compile(model, ..., kv_cache=<max length>) to generate"
             )
-        return generate(self._backend.run, spec, input_ids, max_new_tokens, **options)
+        run = functools.partial(self._backend.run, donate=True)  # caches are written in place
+        return generate(run, spec, input_ids, max_new_tokens, **options)
 
     def profile(self, *args: Any, repeats: int = 3, **kwargs: Any) -> str:
         """Times every kernel of one run on ``args`` next to the cost model's prediction.

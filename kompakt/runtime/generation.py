@@ -3,6 +3,8 @@
 `generate` drives any backend's ``run(feeds) -> list[Tensor]``: it preallocates zeroed caches
 ``[B, Hkv, S_max, D]``, runs the prompt once (prefill: S tokens at positions 0..S-1), then one
 token at a time (decode: S = 1 at position p), feeding each step's returned caches into the next.
+It never reads a cache it has fed again, so ``run`` may update the caches in place
+(`CompiledModel.generate` passes ``donate=True``; kompakt.runtime.in_place).
 
 Token choice follows Hugging Face's ``generate``: greedy is ``argmax`` (first index on ties);
 sampling applies temperature, then top-k, then top-p (nucleus), then draws from the softmax.

@@ -3,6 +3,11 @@
 Building the plan resolves every node to a kernel (failing early, with the op and node named,
 if one is missing), numbers every value with a slot, loads constants once, and computes where
 each intermediate buffer can be freed. Running it is a loop over steps.
+
+Shape arithmetic (`kompakt.runtime.host_values`) runs on CPU tensors, once per input signature:
+the first run with given feed shapes and dtypes records the host steps' results, and later runs
+with that signature skip those steps. So on a GPU a steady-state run (a decode step) reads no
+device value on the host, unless `host_syncs` lists one.
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ import torch
 from kompakt.errors import KompaktError, UnsupportedOpError
 from kompakt.ir.metadata import module_of
 from kompakt.ir.tensors import to_torch
+from kompakt.runtime.host_values import SHAPE_OPS, HostAnalysis, analyse
+from kompakt.runtime.in_place import donatable_updates
+from kompakt.runtime.reference._common import moves_data
+from kompakt.runtime.reference.ops_index import scatter_nd_in_place
 from kompakt.runtime.reference.registry import Kernel, build_kernel
 
 Observer = Callable[[ir.Node, Sequence[torch.Tensor | None], Sequence[torch.Tensor | None]], None]
 """Called after each step with the node, its inputs and its outputs (calibration, profiling)."""
 
 _NONE = -1
+
+
+_SIGNATURES_KEPT = 32  # input signatures whose host values a plan remembers
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,9 @@ class Step:
     inputs: tuple[int, ...]  # slots, _NONE for an omitted optional input
     outputs: tuple[int, ...]  # slots, _NONE for an unused optional output
     free: tuple[int, ...]  # slots whose last use is this step
+    host: bool = False  # a host step: CPU tensors in and out (host_values)
+    uploads: tuple[tuple[int, int], ...] = ()  # (CPU slot, device slot) copied after the step
+    in_place: Kernel | None = None  # the kernel of a run that donates its feeds (in_place)
 
 
 class ExecutionPlan:
@@ -62,9 +77,11 @@ class ExecutionPlan:
 
         self._input_slots = [slot(v) for v in graph.inputs]
         self._constants: dict[int, torch.Tensor] = {}
+        constant_values: dict[int, ir.Value] = {}
         for value in graph.initializers.values():
             if id(value) not in slots:  # initializers that are also inputs are fed by the caller
                 self._constants[slot(value)] = to_torch(value.const_value).to(self.device)
+                constant_values[id(value)] = value
 
         problems: list[UnsupportedOpError] = []
         raw_steps = []
@@ -79,18 +96,88 @@ class ExecutionPlan:
             if node.op_type == "Constant" and not node.inputs:
                 # Evaluated once, here, and kept on the plan's device like an initializer.
                 self._constants[slot(node.outputs[0])] = kernel().to(self.device)
+                constant_values[id(node.outputs[0])] = node.outputs[0]
                 continue
             ins = tuple(_NONE if v is None else self._use(slots, v, node) for v in node.inputs)
             outs = tuple(slot(v) if v.name or v.uses() else _NONE for v in node.outputs)
             raw_steps.append((node, kernel, ins, outs))
         if problems:
             raise problems[0] if len(problems) == 1 else _many_unsupported(problems)
+        donatable = donatable_updates(graph)
+        self.donatable = tuple(sorted(set(donatable.values())))
+        """Graph inputs a run with ``donate=True`` may overwrite (the KV caches)."""
 
         self._output_slots = [self._use(slots, v, None) for v in graph.outputs]
         self.output_names = [v.name for v in graph.outputs]
-        self.steps = self._with_frees(raw_steps)
         self.num_slots = len(slots)
         self.step_seconds: list[float] = []
+        sizes = {key: self._constants[slots[key]].numel() for key in constant_values}
+        host = analyse([node for node, *_ in raw_steps], graph.inputs, sizes)
+        self.host_syncs: list[str] = host.syncs
+        """Host reads of data-derived device values left in a steady-state run (see module)."""
+        raw_steps, cached = self._split_host_steps(raw_steps, host, slots)
+        keep = set(self._constants) | set(self._output_slots) | cached
+        in_place = {
+            i: moves_data(scatter_nd_in_place)
+            for i, r in enumerate(raw_steps)
+            if id(r[0]) in donatable
+        }
+        self.steps = self._with_frees(raw_steps, keep, in_place)
+        self._cached_slots = sorted(cached)
+        device = [i for i, r in enumerate(raw_steps) if not r[4]]
+        self._device_steps = (
+            self._with_frees(
+                [raw_steps[i] for i in device],
+                keep,
+                {j: in_place[i] for j, i in enumerate(device) if i in in_place},
+            )
+            if host.host_steps
+            else None
+        )
+        self._host_results: dict[tuple, list[torch.Tensor]] = {}
+
+    def _split_host_steps(self, raw_steps, host: HostAnalysis, slots: dict[int, int]):
+        """Rewires host steps to CPU copies of their values (new slots) and device steps to read
+        those copies where they read on the host; returns the steps (with a host flag and the
+        uploads each host step makes) and the slots a steady-state run takes from the cache."""
+        cpu: dict[int, int] = {}  # device slot -> its CPU copy's slot
+
+        def cpu_slot(s: int) -> int:
+            if s not in cpu:
+                cpu[s] = self.num_slots
+                self.num_slots += 1
+                if s in self._constants:
+                    self._constants[cpu[s]] = self._constants[s].cpu()
+            return cpu[s]
+
+        host_slot = {slots[key] for key in host.host_values if key in slots}
+        produced = {s for i in host.host_steps for s in raw_steps[i][3] if s != _NONE}
+        needed_on_device: set[int] = set(self._output_slots) & produced
+        rewired = []
+        for index, (node, kernel, ins, outs) in enumerate(raw_steps):
+            if index in host.host_steps:
+                if node.op_type in SHAPE_OPS and not all(s in host_slot for s in ins):
+                    kernel = _on_stand_in(kernel)  # of a device value: reads its shape only
+                else:
+                    ins = tuple(cpu_slot(s) if s in host_slot else s for s in ins)
+                outs = tuple(_NONE if s == _NONE else cpu_slot(s) for s in outs)
+            else:
+                reads = host.host_reads.get(index, ())
+                ins = tuple(cpu_slot(s) if i in reads else s for i, s in enumerate(ins))
+                needed_on_device.update(s for s in ins if s in produced)
+            rewired.append([node, kernel, ins, outs, index in host.host_steps, ()])
+        cached = set(needed_on_device)
+        back = {c: s for s, c in cpu.items()}
+        for entry in rewired:
+            if entry[4]:
+                entry[5] = tuple(
+                    (c, back[c]) for c in entry[3] if c != _NONE and back[c] in needed_on_device
+                )
+            else:
+                cached.update(s for s in entry[2] if s in back and s not in self._constants)
+        self.host_slots = frozenset(cpu.values())
+        """Slots holding CPU tensors (host values); every other slot holds device tensors."""
+        return [tuple(e) for e in rewired], cached
 
     def _use(self, slots: dict[int, int], value: ir.Value, node: ir.Node | None) -> int:
         if id(value) not in slots:
@@ -101,11 +188,10 @@ class ExecutionPlan:
             )
         return slots[id(value)]
 
-    def _with_frees(self, raw_steps) -> list[Step]:
-        keep = set(self._constants) | set(self._output_slots)
+    def _with_frees(self, raw_steps, keep: set[int], in_place: dict[int, Kernel]) -> list[Step]:
         last_use: dict[int, int] = {}
-        for index, (_, _, ins, outs) in enumerate(raw_steps):
-            for s in (*ins, *outs):
+        for index, (_, _, ins, outs, _, uploads) in enumerate(raw_steps):
+            for s in (*ins, *outs, *(d for _, d in uploads)):
                 if s != _NONE:
                     last_use[s] = index
         frees: dict[int, list[int]] = {}
@@ -113,8 +199,8 @@ class ExecutionPlan:
             if s not in keep:
                 frees.setdefault(index, []).append(s)
         return [
-            Step(node, kernel, ins, outs, tuple(frees.get(i, ())))
-            for i, (node, kernel, ins, outs) in enumerate(raw_steps)
+            Step(node, kernel, ins, outs, tuple(frees.get(i, ())), host, uploads, in_place.get(i))
+            for i, (node, kernel, ins, outs, host, uploads) in enumerate(raw_steps)
         ]
 
     def run(
@@ -122,11 +208,14 @@ class ExecutionPlan:
         feeds: Mapping[str, torch.Tensor],
         observer: Observer | None = None,
         clock: Callable[[], float] | None = None,
+        donate: bool = False,
     ) -> list[torch.Tensor]:
         """Runs the graph on ``feeds`` (every graph input by name); returns outputs in order.
 
         With ``clock`` (seconds; it must wait for the device on a GPU), each step is timed and
-        `step_seconds` holds the times of this run, one per step.
+        `step_seconds` holds the times of this run, one per step. With ``donate``, the feeds
+        named in `donatable` may be overwritten and outputs may share their memory
+        (kompakt.runtime.in_place).
         """
         if clock is not None:
             self.step_seconds = []
@@ -135,11 +224,21 @@ class ExecutionPlan:
             env[s] = tensor
         for name, s in zip(self.input_names, self._input_slots, strict=True):
             env[s] = feeds[name]
-        for step in self.steps:
+        steps = self.steps
+        signature = None
+        if self._device_steps is not None:
+            signature = tuple((tuple(env[s].shape), env[s].dtype) for s in self._input_slots)
+            remembered = self._host_results.get(signature)
+            if remembered is not None and observer is None and clock is None:
+                steps, signature = self._device_steps, None
+                for s, tensor in zip(self._cached_slots, remembered, strict=True):
+                    env[s] = tensor
+        for step in steps:
             args = [None if s == _NONE else env[s] for s in step.inputs]
             started = clock() if clock is not None else 0.0
+            kernel = step.in_place if donate and step.in_place is not None else step.kernel
             try:
-                result = step.kernel(*args)
+                result = kernel(*args)
             except KompaktError:
                 raise
             except Exception as err:  # a torch error inside a kernel: say where it happened
@@ -150,11 +249,23 @@ class ExecutionPlan:
             for s, tensor in zip(step.outputs, results, strict=False):
                 if s != _NONE:
                     env[s] = tensor
+            for c, d in step.uploads:
+                env[d] = env[c].to(self.device)
             if observer is not None:
                 observer(step.node, args, results)
             for s in step.free:
                 env[s] = None
+        if signature is not None:
+            if len(self._host_results) >= _SIGNATURES_KEPT:
+                del self._host_results[next(iter(self._host_results))]
+            self._host_results[signature] = [env[s] for s in self._cached_slots]
         return [env[s] for s in self._output_slots]
+
+
+def _on_stand_in(kernel: Kernel) -> Kernel:
+    """A Shape or Size kernel given a CPU tensor of its input's shape that holds no data, so
+    that its result is made on the CPU whatever device the input is on."""
+    return lambda x: kernel(torch.empty((), dtype=torch.bool).expand(x.shape))
 
 
 def _many_unsupported(problems: list[UnsupportedOpError]) -> UnsupportedOpError:

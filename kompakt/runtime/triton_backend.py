@@ -8,9 +8,11 @@ ops. `TritonBackend.summary` lists both, and the report shows it.
 
 On a CUDA device, a set of input shapes met a second time (a decode step) is captured in a CUDA
 graph that later calls replay: one launch instead of hundreds, which is most of the decode time
-of a small batch. A graph with an op that reads a device value on the host (some reference
-shape ops do) cannot be captured; the backend then runs eagerly and the summary says why. None
-of this has run on a GPU yet. Without a GPU the kernels run in Triton's interpreter on CPU tensors
+of a small batch. Capture needs a run that never waits for the GPU on the host: the plan's shape
+arithmetic runs on CPU tensors once per input signature (`kompakt.runtime.host_values`), and a
+graph that still reads a data-derived device value on the host (`ExecutionPlan.host_syncs`) is
+not captured; the backend then runs eagerly and the summary says why. None of this has run on a
+GPU yet. Without a GPU the kernels run in Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``), which is how the test suite checks them.
 """
 
@@ -73,6 +75,12 @@ class TritonBackend:
         self.plan = ExecutionPlan(model, self.device, kernel_builder=self._build)
         self._drop_unread_constants()
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        if self.cuda_graphs and self.plan.host_syncs:
+            more = len(self.plan.host_syncs) - 1
+            self.graph_notes.append(
+                f"no CUDA graphs: {self.plan.host_syncs[0]}" + (f" (+{more} more)" if more else "")
+            )
+            self.cuda_graphs = False
         self._seen: collections.Counter[tuple] = collections.Counter()
         self._graphs: dict[tuple, _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -159,16 +167,16 @@ class TritonBackend:
         lines.extend(self.graph_notes)
         return "\n".join(lines)
 
-    def run(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, feeds: Mapping[str, torch.Tensor], donate: bool = False) -> list[torch.Tensor]:
         feeds = {k: v.to(self.device) for k, v in feeds.items()}
         if not self.cuda_graphs:
-            return self.plan.run(feeds)
+            return self.plan.run(feeds, donate=donate)
         key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(feeds.items()))
         captured = self._graphs.get(key)
         if captured is not None:
-            return captured.replay(feeds)
+            return captured.replay(feeds, donate)
         self._seen[key] += 1
-        outputs = self.plan.run(feeds)  # eager: compiles kernels, warms allocators
+        outputs = self.plan.run(feeds, donate=donate)  # eager: compiles kernels, warms allocators
         if self._seen[key] >= 2:  # a shape met twice (a decode step) is worth a graph
             try:
                 self._graphs[key] = _Captured(self.plan, feeds, self._pool)
@@ -190,7 +198,11 @@ def _shapes(feeds: Mapping[str, torch.Tensor]) -> str:
 class _Captured:
     """One CUDA graph of the whole plan for one set of input shapes, with static buffers.
 
-    Graphs share one memory pool (``pool``), so several shapes do not each hold their own.
+    The static inputs are the graph's own copies, so the plan runs donating them: KV caches are
+    updated in place (kompakt.runtime.in_place). A caller that donates gets the updated caches
+    back as views of those static inputs, not copies; fed back at the next step they are already
+    in place and are not copied again. So a decode step moves no cache memory besides the new
+    rows. Graphs share one memory pool (``pool``), so several shapes do not each hold their own.
     """
 
     def __init__(self, plan: ExecutionPlan, feeds: Mapping[str, torch.Tensor], pool) -> None:
@@ -199,13 +211,25 @@ class _Captured:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            plan.run(self.inputs)  # warm-up on the side stream, as capture requires
+            plan.run(self.inputs, donate=True)  # warm-up on the side stream, as capture requires
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = plan.run(self.inputs)
+            self.outputs = plan.run(self.inputs, donate=True)
+        storages = {t.untyped_storage().data_ptr() for t in self.inputs.values()}
+        self._aliased = [o.untyped_storage().data_ptr() in storages for o in self.outputs]
 
-    def replay(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    def replay(self, feeds: Mapping[str, torch.Tensor], donate: bool) -> list[torch.Tensor]:
         for name, tensor in feeds.items():
-            self.inputs[name].copy_(tensor)
+            static = self.inputs[name]
+            if not _same_memory(tensor, static):
+                static.copy_(tensor)
         self.graph.replay()
-        return [o.clone() for o in self.outputs]
+        return [
+            o if donate and aliased else o.clone()
+            for o, aliased in zip(self.outputs, self._aliased, strict=True)
+        ]
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` is ``b``'s memory seen the same way (a static buffer fed back)."""
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
