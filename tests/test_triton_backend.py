@@ -93,11 +93,14 @@ def test_gpu_target_default_pipeline_end_to_end(tiny):
     common = dict(target="a100-w4", progress=False, device=device)
     triton = kompakt.compile(model, (ids,), backend="triton", **common)
     reference = kompakt.compile(model, (ids,), backend="reference", **common)
-    assert triton.pipeline.endswith("fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention")
+    assert triton.pipeline.endswith(
+        "merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise"
+    )
     summary = triton._backend.summary()
-    for family in ("attention x2", "dequant_matmul x14", "norm x5", "rotary x4"):
+    # per layer: q/k/v as one GEMM, o, gate/up as one, down; silu(gate) * up one pointwise kernel
+    for family in ("attention x2", "dequant_matmul x8", "norm x5", "rotary x4", "pointwise x2"):
         assert family in summary
-    assert "fell back" not in summary
+    assert "fell back" not in summary and "Sigmoid" not in summary
     got, want = first_output(triton(ids)), first_output(reference(ids))
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
 
