@@ -77,17 +77,17 @@ def generate(
     eos_tensor = torch.tensor(eos, dtype=torch.int64, device=device)
 
     step_ids = ids
-    positions = torch.arange(length, dtype=torch.int64)
+    positions = torch.arange(length, dtype=torch.int64, device=device)
     out = [ids]
     for _ in range(max_new_tokens):
         feeds = {spec.input_ids: step_ids, spec.cache_position: positions, **caches}
         results = run(feeds)
         caches = {name: results[i] for name, i in zip(spec.past, present_at, strict=True)}
-        logits = results[logits_at][:, -1, :].float().cpu()
-        if do_sample:
-            token = _sample(logits, temperature, top_k, top_p, generator)
-        else:
-            token = logits.argmax(dim=-1)
+        last = results[logits_at][:, -1, :]
+        if do_sample:  # on the CPU, where the seeded generator draws
+            token = _sample(last.float().cpu(), temperature, top_k, top_p, generator)
+        else:  # where the logits are: only the ids reach the host
+            token = last.argmax(dim=-1)
         token = token.to(device)
         if eos:
             token = torch.where(unfinished, token, torch.full_like(token, pad))
