@@ -112,7 +112,7 @@ def test_fractional_bits_token_means_mixed_precision():
 
     assert str(Target.parse("a100-w4.5").default_pipeline(calibrated=True)) == (
         "canonicalize,mixed-precision{average-bits=4.5,group-size=128,symmetric=false,method=gptq},"
-        "infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise"
+        "infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise"
     )
     assert ",method=rtn}" in str(Target.parse("cpu-w3.5-g64-rtn").default_pipeline())
     with pytest.raises(kompakt.TargetError, match="gptq or rtn"):

@@ -83,7 +83,7 @@ def test_default_pipelines():
     )
     assert (
         str(Target.parse("a100-w8-g64").default_pipeline())
-        == "canonicalize,quantize-weights{bits=8,group-size=64,symmetric=true},infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise"
+        == "canonicalize,quantize-weights{bits=8,group-size=64,symmetric=true},infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise"
     )
 
 
@@ -95,7 +95,7 @@ def test_recipes_without_a_pass_yet_fail_plainly(text):
 
 def test_algorithm_tokens_choose_the_pass():
     assert str(Target.parse("a100-w4-gptq").default_pipeline()) == (
-        "canonicalize,gptq{bits=4,group-size=128,symmetric=false},infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise"
+        "canonicalize,gptq{bits=4,group-size=128,symmetric=false},infer-shapes,merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise"
     )
     assert str(Target.parse("cpu-w3-g64-sym-awq").default_pipeline()) == (
         "canonicalize,awq{bits=3,group-size=64,symmetric=true}"
@@ -111,7 +111,7 @@ def test_algorithm_tokens_choose_the_pass():
             "a100-w8a8",
             "canonicalize,smoothquant,gptq{bits=8,group-size=-1,symmetric=true},"
             "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-quantized-matmul,"
-            "fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise",
+            "fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise",
         ),
         (
             "cpu-W8A8-static-rtn",
@@ -121,17 +121,17 @@ def test_algorithm_tokens_choose_the_pass():
         (
             "a100-w4a8",
             "canonicalize,smoothquant,gptq{bits=4,group-size=128,symmetric=false},"
-            "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-norm,fuse-rotary,fuse-attention,fuse-elementwise",
+            "quantize-activations{bits=8,dynamic=true},infer-shapes,fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise",
         ),
         (
             "h100-fp8",
             "canonicalize,fp8,infer-shapes,fuse-quantized-matmul,fuse-norm,fuse-rotary,"
-            "fuse-attention,fuse-elementwise",
+            "fuse-attention,fuse-glu,fuse-elementwise",
         ),
         (
             "h100-FP8_DYNAMIC",
             "canonicalize,fp8{dynamic=true},infer-shapes,fuse-quantized-matmul,fuse-norm,"
-            "fuse-rotary,fuse-attention,fuse-elementwise",
+            "fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise",
         ),
         ("cpu-w3-codebook", "canonicalize,codebook{bits=3}"),
         (

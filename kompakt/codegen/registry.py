@@ -23,6 +23,7 @@ BINDERS: dict[str, str] = {
     "attention": "kompakt.codegen.attention.bind:bind",
     "scaled_matmul": "kompakt.codegen.scaled_matmul.bind:bind",
     "rotary": "kompakt.codegen.rotary.bind:bind",
+    "glu": "kompakt.codegen.glu.bind:bind",
 }
 
 

@@ -12,6 +12,7 @@ from kompakt.passes.fuse import (  # noqa: F401
     fuse_attention,
     fuse_dequant_matmul,
     fuse_elementwise,
+    fuse_glu,
     fuse_norm,
     fuse_quantized_matmul,
     fuse_rotary,

@@ -155,4 +155,3 @@ def analyse(
         if host or (shape_follows and all(id(v) in static for v in present)):
             static.update(id(v) for v in node.outputs)
     return result
-

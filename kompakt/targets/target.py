@@ -128,14 +128,17 @@ class Target:
         # infer-shapes first: the attention fusion proves broadcasts from the inferred shapes.
         # Decode is a few hundred small launches per token, so fewer launches is most of what
         # there is to win: q/k/v and gate/up become one GEMM each (merge-projections), and what
-        # is left between kernels (SwiGLU's silu(gate) * up after the merge) one pointwise
-        # kernel. The cost model agrees (tiny Llama, a100-w4, M = 1: 312 -> 304 µs predicted).
+        # is left between kernels one kernel: SwiGLU's silu(gate) * up after the merge (fuse-glu
+        # reads the Split halves in place), other elementwise chains (fuse-elementwise). The
+        # cost model agrees (tiny Llama, a100-w4, M = 1: 312 -> 304 µs predicted).
         fusions = ["infer-shapes"]
         if weight_only:
             fusions += ["merge-projections", "fuse-dequant-matmul"]
         if r.fp8 or (r.activation_bits and r.weight_bits == 8):
             fusions.append("fuse-quantized-matmul")  # int8 x int8 / e4m3 GEMMs, scale epilogue
-        return fusions + ["fuse-norm", "fuse-rotary", "fuse-attention", "fuse-elementwise"]
+        return fusions + [
+            *("fuse-norm", "fuse-rotary", "fuse-attention", "fuse-glu", "fuse-elementwise")
+        ]
 
     def _weight_pass(self, calibrated: bool) -> str:
         r = self.recipe

@@ -86,8 +86,7 @@ def scatter_nd(node: NodeInfo) -> Kernel:
         rows = x.reshape(math.prod(x.shape[:depth]), *x.shape[depth:]).clone()
         flat_i = indices.reshape(-1, depth)
         linear = sum(
-            i * math.prod(x.shape[k + 1 : depth])
-            for k, i in enumerate(_nd_index(x.shape, flat_i))
+            i * math.prod(x.shape[k + 1 : depth]) for k, i in enumerate(_nd_index(x.shape, flat_i))
         )
         flat_u = (raw(updates) if reduction == "none" else updates).reshape(-1, *x.shape[depth:])
         if reduction == "none":
