@@ -266,6 +266,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _output_for(q: torch.Tensor) -> torch.Tensor:
+    """The [B, H, S, D] output, stored as [B, S, H, D]: the model's next ops transpose it to
+    [B, S, H, D] and merge the heads, which are then views instead of a copy."""
+    batch, heads, seq, head_dim = q.shape
+    out = torch.empty(batch, seq, heads, head_dim, dtype=q.dtype, device=q.device)
+    return out.permute(0, 2, 1, 3)
+
+
 def launch_flash_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -275,7 +283,8 @@ def launch_flash_prefill(
     mask: torch.Tensor | None = None,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """Attention of q [B, Hq, Sq, D] over k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D] in q's dtype.
+    """Attention of q [B, Hq, Sq, D] over k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D] in q's dtype,
+    stored as [B, Sq, Hq, D] (`out.transpose(1, 2)` is contiguous).
 
     mask: optional, broadcastable to [B, Hq, Sq, Skv]; fp32/fp16 is added to the scaled scores,
     bool keeps the keys where it is True. A row that sees no key at all gives zeros.
@@ -298,7 +307,7 @@ def launch_flash_prefill(
         batch, heads_q, heads_kv, seq_q, seq_kv, head_dim, q.element_size(), tuning_arch(q.device)
     )
     check_config(config)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_for(q)
     if out.numel() == 0:
         return out
     grid = (triton.cdiv(seq_q, config.block_m) * batch * heads_q,)
@@ -354,7 +363,7 @@ def launch_flash_decode(
         batch, heads_q, heads_kv, 1, seq_kv, head_dim, q.element_size(), tuning_arch(q.device)
     )
     check_config(config)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _output_for(q)
     if out.numel() == 0:
         return out
     # Chunks are whole key blocks; rounding can leave fewer splits than asked for.
