@@ -117,6 +117,12 @@ def test_remembered_host_values_follow_the_input_shapes(decode_graph):
     assert len(plan._host_results) == 2
     fresh.run(prefill)
     assert len(fresh._host_results) == 1
+    kept = fresh.host_values_for(prefill)
+    assert kept and all(
+        a is b
+        for a, b in zip(kept, fresh._host_results[next(iter(fresh._host_results))], strict=True)
+    )
+    assert fresh.host_values_for(_decode_feeds(spec, 4)) == []  # not run yet
 
 
 def _model(nodes, inputs, outputs, initializers=()):

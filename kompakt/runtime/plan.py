@@ -136,6 +136,16 @@ class ExecutionPlan:
         )
         self._host_results: dict[tuple, list[torch.Tensor]] = {}
 
+    def host_values_for(self, feeds: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The remembered host values (and their device copies) a run on ``feeds`` uses; empty
+        when it uses none or the signature has not been run yet. A CUDA graph captured over the
+        plan holds on to them: it reads their memory at every replay, and the plan forgets old
+        signatures."""
+        if self._device_steps is None:
+            return []
+        signature = tuple((tuple(feeds[n].shape), feeds[n].dtype) for n in self.input_names)
+        return list(self._host_results.get(signature, ()))
+
     def _split_host_steps(self, raw_steps, host: HostAnalysis, slots: dict[int, int]):
         """Rewires host steps to CPU copies of their values (new slots) and device steps to read
         those copies where they read on the host; returns the steps (with a host flag and the

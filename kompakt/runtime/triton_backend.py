@@ -215,6 +215,7 @@ class _Captured:
         torch.cuda.current_stream().wait_stream(stream)
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = plan.run(self.inputs, donate=True)
+        self._host_values = plan.host_values_for(self.inputs)  # replays read their memory
         storages = {t.untyped_storage().data_ptr() for t in self.inputs.values()}
         self._aliased = [o.untyped_storage().data_ptr() in storages for o in self.outputs]
 
