@@ -211,3 +211,48 @@ def test_triton_failures_fall_back_but_other_errors_propagate(captured, monkeypa
     broken, _ = _pair(captured, "llama")
     with pytest.raises(KompaktError, match="a bug, not a kernel limit"):
         broken(ids)
+
+
+def _eager_graph(run, pool):
+    """`capture_cuda_graph` without a GPU: "capture" runs once, and each replay runs again from
+    the static inputs and writes into the same output memory, as a CUDA graph replay does."""
+    outputs = run()
+
+    def replay():
+        for out, new in zip(outputs, run(), strict=True):
+            if out.data_ptr() != new.data_ptr():
+                out.copy_(new)
+
+    return outputs, replay
+
+
+def test_decode_replays_one_graph_and_never_copies_a_fed_back_cache(tiny, monkeypatch):
+    """The CUDA-graph logic, with the graph itself stood in for: decode steps are captured once
+    and replayed; the caches a replay hands back are its static inputs, so feeding them back
+    copies only the token and the position; the tokens stay Hugging Face's."""
+    monkeypatch.setattr(triton_backend, "capture_cuda_graph", _eager_graph)
+    same = []
+    real_same_memory = triton_backend._same_memory
+    monkeypatch.setattr(
+        triton_backend, "_same_memory", lambda a, b: same.append(real_same_memory(a, b)) or same[-1]
+    )
+    model = tiny("llama")
+    prompt = tokens((1, 5))
+    cm = kompakt.compile(
+        model, (prompt,), target="a100", backend="triton", device="cpu", kv_cache=16, progress=False
+    )
+    backend = cm._backend
+    backend.cuda_graphs = True  # what a CUDA device turns on
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cm.generate(prompt, max_new_tokens=6), want)
+    assert len(backend._graphs) == 1 and "CUDA graph captured" in backend.summary()
+    feeds = 2 + 2 * 2  # input_ids, cache_position, k and v of 2 layers
+    replays = [same[i : i + feeds] for i in range(0, len(same), feeds)]
+    assert len(replays) == 3  # decode steps 3..5: steps 1 and 2 ran eagerly, 2 captured
+    assert replays[0].count(True) == 0  # the first replay copies the eager caches in
+    assert all(r.count(True) == 4 for r in replays[1:])  # then only ids and position are copied
+    # a caller that does not donate gets copies, never the graph's own buffers
+    (captured,) = backend._graphs.values()
+    outputs = backend.run(dict(captured.inputs))
+    assert all(o.data_ptr() != t.data_ptr() for o in outputs for t in captured.inputs.values())
