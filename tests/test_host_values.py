@@ -221,3 +221,74 @@ def test_other_families_decode_without_host_syncs(tiny, family):
     want = ExecutionPlan(graph).run(feeds)
     for g, w in zip(_steady_state_run(plan, feeds), want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_fused_bodies_take_their_shape_inputs_from_the_host(tiny):
+    """Fused attention/norm bodies (the reference backend runs them) compute shapes from their
+    inputs; in a steady-state decode step they read nothing on the host either."""
+    import kompakt
+
+    model = tiny("llama")
+    cm = kompakt.compile(
+        model, (tokens((1, 5)),), target="a100", backend="reference", kv_cache=16, progress=False
+    )
+    assert any(n.domain == "kompakt" for n in cm.ir.graph)
+    from kompakt.lowering.kv_cache import cache_spec_of
+
+    spec = cache_spec_of(cm.ir)
+    plan = cm._backend.plan
+    feeds = _decode_feeds(spec, 5)
+    want = ExecutionPlan(cm.ir).run(feeds)
+    for g, w in zip(_steady_state_run(plan, feeds), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_fused_body_remembers_shape_values_by_value_not_only_by_shape():
+    """A body input used only as a Reshape target is a host value of the body; the same shape
+    with other values must not reuse what was remembered."""
+    from kompakt.ir.fused import fuse_nodes
+
+    x = ir.val("x", ir.DataType.FLOAT, [6])
+    t = ir.val("t", ir.DataType.INT64, [2])
+    target = ir.node("Identity", [t], name="target")  # shape arithmetic inside the body
+    reshape = ir.node("Reshape", [x, target.outputs[0]], name="reshape")
+    neg = ir.node("Neg", [reshape.outputs[0]], name="neg")
+    neg.outputs[0].name = "y"
+    model = _model([target, reshape, neg], [x, t], [neg.outputs[0]])
+    fuse_nodes(model, [target, reshape, neg], "test")
+    plan = ExecutionPlan(model)
+    assert plan.host_syncs == [
+        "op 'FusedKernel' at node 'fused_test' reads input 0 ('t') on the host, and it is "
+        "computed from data"
+    ]
+    values = torch.arange(6.0)
+    assert plan.run({"x": values, "t": torch.tensor([2, 3])})[0].shape == (2, 3)
+    assert plan.run({"x": values, "t": torch.tensor([3, 2])})[0].shape == (3, 2)
+
+
+def test_a_step_reading_data_on_the_host_keeps_all_its_inputs_on_the_device():
+    """Range(0, n, 1) with n from data: 0 and 1 are small constants, but Range makes its output
+    where its first input lives, so none of its inputs become CPU copies."""
+    n = ir.val("n", ir.DataType.INT64, [])
+    start, delta = _consts(0, 1)
+    start.const_value, delta.const_value = (
+        ir.tensor(0, ir.DataType.INT64),
+        ir.tensor(1, ir.DataType.INT64),
+    )
+    rng = ir.node("Range", [start, n, delta], name="range")
+    rng.outputs[0].name = "r"
+    plan = ExecutionPlan(_model([rng], [n], [rng.outputs[0]], [start, delta]))
+    assert len(plan.host_syncs) == 1
+    (step,) = plan.steps
+    assert not set(step.inputs) & plan.host_slots
+    assert plan.run({"n": torch.tensor(4)})[0].tolist() == [0, 1, 2, 3]
+
+
+def test_a_remembered_output_is_the_callers_own_copy():
+    x = ir.val("x", ir.DataType.FLOAT, [None, 3])
+    shape = ir.node("Shape", [x], name="shape")
+    shape.outputs[0].name = "s"
+    plan = ExecutionPlan(_model([shape], [x], [shape.outputs[0]]))
+    first = plan.run({"x": torch.zeros(2, 3)})[0]
+    first += 5  # the caller writes into what it got
+    assert plan.run({"x": torch.zeros(2, 3)})[0].tolist() == [2, 3]

@@ -105,3 +105,22 @@ def test_an_input_anything_else_reads_is_never_overwritten():
     present, other = plan.run(feeds, donate=True)
     assert torch.equal(past, torch.arange(12.0).reshape(4, 3))
     assert present[2].tolist() == [-1.0, -1.0, -1.0] and torch.equal(other, -past)
+
+
+def test_one_tensor_fed_for_several_caches_is_not_overwritten(decode_graph):
+    """Donation needs each cache to be its own memory; a tensor fed for every cache (or a
+    broadcast one) runs out of place, computing what separate caches give."""
+    graph, spec = decode_graph
+    plan = ExecutionPlan(graph)
+    base = torch.randn(spec.empty_caches(1)[spec.past[0]].shape)
+    ids = {"input_ids": tokens((1, 1)), "cache_position": torch.tensor([6])}
+    want = plan.run({**ids, **{n: base.clone() for n in spec.past}})
+    kept = base.clone()
+    got = plan.run({**ids, **{n: base for n in spec.past}}, donate=True)
+    assert torch.equal(base, kept)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    zero = torch.zeros(1, 1, 1, 1).expand(base.shape)  # stride 0: cannot be written in place
+    plan.run(
+        {**ids, **{n: zero if n == spec.past[0] else base.clone() for n in spec.past}}, donate=True
+    )

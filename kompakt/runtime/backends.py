@@ -44,7 +44,9 @@ class Backend(Protocol):
 
     def run(self, feeds: Mapping[str, torch.Tensor], donate: bool = False) -> list[torch.Tensor]:
         """Graph outputs in order for ``feeds`` (every input by name). ``donate``: the caller
-        will not read the feeds again, so the backend may overwrite them (in_place)."""
+        will not read the feeds again, so the backend may overwrite them (in_place), and the
+        updated caches it returns may be the backend's own buffers, which the next call with
+        the same shapes overwrites (`generate` feeds them straight back)."""
         ...
 
 

@@ -20,6 +20,10 @@ the device only what a device op consumes as data), remembers the results, and o
 with that signature skips them: the device steps then never read a device value on the host.
 What still does (a Reshape whose target shape comes from input data, say) is listed in
 `HostAnalysis.syncs`; the Triton backend does not try to capture a CUDA graph over those.
+
+A fused node's body computes shapes too: the inputs it uses only for that (`fused_host_reads`)
+are host reads of the fused node, and its body runs as a plan with those inputs as host values,
+remembered under their values as well as the shapes (they may come from data in the outer graph).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
+
+from kompakt.ir.fused import body_of, is_fused
 
 HOST_CONSTANT_MAX_ELEMENTS = 64
 """Constants up to this many elements get a CPU copy that host steps and host reads use."""
@@ -106,20 +112,48 @@ class HostAnalysis:
     syncs: list[str] = field(default_factory=list)
 
 
+def fused_host_reads(node: ir.Node) -> tuple[int, ...]:
+    """The inputs of a ``kompakt::FusedKernel`` that its body only computes shapes with: every
+    use inside the body is a host read (`HOST_READ_INPUTS`), a Shape/Size, or shape arithmetic
+    (`HOST_OPS`) whose results are in turn used only so. Kernel families take such inputs (axes,
+    bounds, target shapes) at bind time and ignore them at run time."""
+    return tuple(i for i, v in enumerate(body_of(node).inputs) if _only_on_host(v))
+
+
+def _only_on_host(value: ir.Value) -> bool:
+    uses = value.uses()
+    if not uses or value.is_graph_output():
+        return False
+    for user, slot in uses:
+        if user.domain not in ("", "ai.onnx"):
+            return False
+        if slot in HOST_READ_INPUTS.get(user.op_type, ()) or user.op_type in SHAPE_OPS:
+            continue
+        if user.op_type in HOST_OPS and all(_only_on_host(o) for o in user.outputs):
+            continue
+        return False
+    return True
+
+
 def analyse(
-    nodes: Sequence[ir.Node], inputs: Sequence[ir.Value], constants: Mapping[int, int]
+    nodes: Sequence[ir.Node],
+    inputs: Sequence[ir.Value],
+    constants: Mapping[int, int],
+    host_inputs: Sequence[ir.Value] = (),
 ) -> HostAnalysis:
     """Classifies the steps ``nodes`` (in run order) of a graph with these inputs and
-    ``constants`` (id of each constant value -> its number of elements)."""
+    ``constants`` (id of each constant value -> its number of elements); ``host_inputs`` are
+    inputs given as host values (see `ExecutionPlan`)."""
     result = HostAnalysis()
     static: set[int] = {id(v) for v in inputs} | set(constants)
     result.host_values.update(
         key for key, count in constants.items() if count <= HOST_CONSTANT_MAX_ELEMENTS
     )
+    result.host_values.update(id(v) for v in host_inputs)
     for index, node in enumerate(nodes):
         present = [v for v in node.inputs if v is not None]
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-        reads = HOST_READ_INPUTS.get(op, ())
+        reads = fused_host_reads(node) if is_fused(node) else HOST_READ_INPUTS.get(op, ())
         reads_data = [
             i
             for i in reads
@@ -140,7 +174,9 @@ def analyse(
                 for i in reads
                 if i not in reads_data and i < len(node.inputs) and node.inputs[i] is not None
             )
-            if host_positions:
+            # A step that reads data on the host anyway runs as before, every input on the
+            # device: a kernel like Range makes its output where its first input lives.
+            if host_positions and not reads_data:
                 result.host_reads[index] = host_positions
             for i in reads_data:
                 result.syncs.append(

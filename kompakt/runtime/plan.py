@@ -12,7 +12,7 @@ device value on the host, unless `host_syncs` lists one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -57,6 +57,9 @@ class ExecutionPlan:
         opset_imports: The opsets of a subgraph's nodes (a model carries its own).
         kernel_builder: Makes the kernel of each node; the reference op table by default. Other
             backends pass their own, falling back to the reference for what they do not run.
+        host_inputs: Graph inputs that only feed shape arithmetic (a fused node's body gets its
+            axes and target shapes so); they count as host values, and their values join the
+            signature under which host results are remembered.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ExecutionPlan:
         device: str | torch.device = "cpu",
         opset_imports: Mapping[str, int] | None = None,
         kernel_builder: Callable[[ir.Node, int], Kernel] = build_kernel,
+        host_inputs: Collection[str] = (),
     ) -> None:
         graph = model.graph if isinstance(model, ir.Model) else model
         imports = model.opset_imports if isinstance(model, ir.Model) else (opset_imports or {})
@@ -112,7 +116,8 @@ class ExecutionPlan:
         self.num_slots = len(slots)
         self.step_seconds: list[float] = []
         sizes = {key: self._constants[slots[key]].numel() for key in constant_values}
-        host = analyse([node for node, *_ in raw_steps], graph.inputs, sizes)
+        given = [v for v in graph.inputs if v.name in set(host_inputs)]
+        host = analyse([node for node, *_ in raw_steps], graph.inputs, sizes, given)
         self.host_syncs: list[str] = host.syncs
         """Host reads of data-derived device values left in a steady-state run (see module)."""
         raw_steps, cached = self._split_host_steps(raw_steps, host, slots)
@@ -124,6 +129,7 @@ class ExecutionPlan:
         }
         self.steps = self._with_frees(raw_steps, keep, in_place)
         self._cached_slots = sorted(cached)
+        self._remembered_outputs = [i for i, s in enumerate(self._output_slots) if s in cached]
         device = [i for i, r in enumerate(raw_steps) if not r[4]]
         self._device_steps = (
             self._with_frees(
@@ -144,6 +150,10 @@ class ExecutionPlan:
         if self._device_steps is None:
             return []
         signature = tuple((tuple(feeds[n].shape), feeds[n].dtype) for n in self.input_names)
+        slot_names = dict(zip(self._input_slots, self.input_names, strict=True))
+        signature += tuple(
+            tuple(feeds[slot_names[s]].reshape(-1).tolist()) for s, _ in self._host_inputs
+        )
         return list(self._host_results.get(signature, ()))
 
     def _split_host_steps(self, raw_steps, host: HostAnalysis, slots: dict[int, int]):
@@ -185,6 +195,7 @@ class ExecutionPlan:
                 )
             else:
                 cached.update(s for s in entry[2] if s in back and s not in self._constants)
+        self._host_inputs = [(s, cpu[s]) for s in self._input_slots if s in cpu]
         self.host_slots = frozenset(cpu.values())
         """Slots holding CPU tensors (host values); every other slot holds device tensors."""
         return [tuple(e) for e in rewired], cached
@@ -236,13 +247,19 @@ class ExecutionPlan:
             env[s] = feeds[name]
         steps = self.steps
         signature = None
+        for s, c in self._host_inputs:
+            env[c] = env[s].cpu()
         if self._device_steps is not None:
             signature = tuple((tuple(env[s].shape), env[s].dtype) for s in self._input_slots)
-            remembered = self._host_results.get(signature)
+            signature += tuple(tuple(env[c].reshape(-1).tolist()) for _, c in self._host_inputs)
+            remembered = self._host_results.pop(signature, None)
+            if remembered is not None:
+                self._host_results[signature] = remembered  # most recently used: evicted last
             if remembered is not None and observer is None and clock is None:
                 steps, signature = self._device_steps, None
                 for s, tensor in zip(self._cached_slots, remembered, strict=True):
                     env[s] = tensor
+        donate = donate and self._may_overwrite(feeds)
         for step in steps:
             args = [None if s == _NONE else env[s] for s in step.inputs]
             started = clock() if clock is not None else 0.0
@@ -266,10 +283,30 @@ class ExecutionPlan:
             for s in step.free:
                 env[s] = None
         if signature is not None:
-            if len(self._host_results) >= _SIGNATURES_KEPT:
+            if signature not in self._host_results and len(self._host_results) >= _SIGNATURES_KEPT:
                 del self._host_results[next(iter(self._host_results))]
             self._host_results[signature] = [env[s] for s in self._cached_slots]
-        return [env[s] for s in self._output_slots]
+        outputs = [env[s] for s in self._output_slots]
+        for i in self._remembered_outputs:  # the caller may write into what it gets back
+            outputs[i] = outputs[i].clone()
+        return outputs
+
+    def _may_overwrite(self, feeds: Mapping[str, torch.Tensor]) -> bool:
+        """Whether a donating run can write into the donatable feeds: each is its own memory
+        (not shared with another feed, not broadcast with a zero stride)."""
+        if not self.donatable:
+            return False
+        owners: dict[int, int] = {}
+        for tensor in feeds.values():
+            key = tensor.untyped_storage().data_ptr()
+            owners[key] = owners.get(key, 0) + 1
+        for name in self.donatable:
+            tensor = feeds[name]
+            if owners[tensor.untyped_storage().data_ptr()] > 1:
+                return False
+            if any(st == 0 and n > 1 for st, n in zip(tensor.stride(), tensor.shape, strict=True)):
+                return False
+        return True
 
 
 def _on_stand_in(kernel: Kernel) -> Kernel:

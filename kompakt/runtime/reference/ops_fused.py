@@ -14,6 +14,7 @@ from kompakt.runtime.reference.registry import Kernel, NodeInfo
 
 @op(FUSED_KERNEL, domain=DOMAIN)
 def fused_kernel(node: NodeInfo) -> Kernel:
+    from kompakt.runtime.host_values import fused_host_reads
     from kompakt.runtime.plan import ExecutionPlan  # the plan imports this table
 
     try:
@@ -21,7 +22,8 @@ def fused_kernel(node: NodeInfo) -> Kernel:
     except KompaktError as err:
         raise node.unsupported(str(err)) from err
     opset = node.attr("opset", 21)
-    plan = ExecutionPlan(body, opset_imports={"": opset})
+    shapes_only = [body.inputs[i].name for i in fused_host_reads(node.node)]
+    plan = ExecutionPlan(body, opset_imports={"": opset}, host_inputs=shapes_only)
     names = plan.input_names
 
     def kernel(*inputs):
