@@ -204,9 +204,12 @@ class CacheWrapper(nn.Module):
         slots = caches[0].shape[2]
         dtype = caches[0].dtype
         # Query at position p sees slots 0..p: the causal mask, extended over unwritten slots.
+        # Hidden slots get -inf, not finfo.min: every row sees at least its own slot, so no
+        # softmax row is all -inf, and the decode kernel can tell exactly which slots no query
+        # sees and skip reading them (kompakt/codegen/attention).
         allowed = torch.arange(slots, device=input_ids.device)[None, :] <= cache_position[:, None]
         zero = torch.zeros((), dtype=dtype, device=input_ids.device)
-        hidden = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=input_ids.device)
+        hidden = torch.full((), float("-inf"), dtype=dtype, device=input_ids.device)
         mask = torch.where(allowed, zero, hidden)[None, None]  # [1, 1, S, S_max]
         cache = _functional_cache(list(caches), cache_position)
         out = model(

@@ -259,6 +259,29 @@ def test_decode_mask_hidden_rows_finfo_min_and_bool():
         launch_flash_decode(q, k, v, None, mask=f32(3, 1, 2, 45))
 
 
+@pytest.mark.parametrize("kind", ["add", "bool"])
+def test_decode_never_reads_keys_past_the_last_one_the_mask_shows(kind):
+    """A static cache's mask hides the unwritten slots (-inf, or False); the kernel reads K and
+    V only up to the last slot some head may see. NaN written into the hidden slots, whole
+    chunks and the tail of a partial one, must not reach the output."""
+    q, k, v = qkv(2, 4, 2, 1, 70, 16, torch.float32, seed=31)
+    live = [21, 3]  # chunks of 16: batch 0 ends inside its second chunk, batch 1 in its first
+    mask = cache_mask(2, 70, live, torch.float32)
+    if kind == "bool":
+        mask = mask == 0
+    want = torch.stack(
+        [
+            attention_reference(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], False)[0]
+            for b, n in enumerate(live)
+        ]
+    )
+    for b, n in enumerate(live):
+        k[b, :, n:] = float("nan")
+        v[b, :, n:] = float("nan")
+    out = launch_flash_decode(q, k, v, None, config=Config(block_n=16, num_splits=5), mask=mask)
+    assert_close(out, want, torch.float32)
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [

@@ -89,6 +89,29 @@ def _attend(
 
 
 @triton.jit
+def _live_end(
+    mask_base, start, end, offs_g, group, stride_mh, stride_mn,
+    MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """1 + the last key in [start, end) that the mask lets some row of the tile see (a bool
+    True, or an additive value above -inf); ``start`` when it lets none. A static KV cache's
+    mask hides the unwritten slots with -inf, so decode reads only the written ones: the mask
+    is a few bytes per key, K and V a few hundred."""
+    last = start - 1
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ok = (offs_g[:, None] < group) & (offs_n[None, :] < end)
+        m_ptrs = mask_base + offs_g[:, None] * stride_mh + offs_n[None, :] * stride_mn
+        if MASK == "bool":
+            seen = tl.load(m_ptrs, mask=ok, other=0) != 0
+        else:
+            seen = tl.load(m_ptrs, mask=ok, other=float("-inf")).to(tl.float32) > float("-inf")
+        keys = tl.where(seen & ok, offs_n[None, :], start - 1)
+        last = tl.maximum(last, tl.max(tl.max(keys, 1), 0))
+    return last + 1
+
+
+@triton.jit
 def flash_prefill_kernel(
     Q, K, V, Mask, Out, qk_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -204,6 +227,8 @@ def flash_decode_split_kernel(
     # and its row bound is the group (padding heads read no mask).
     mask_base = Mask + b * stride_mb + kvh * group * stride_mh
 
+    if MASK != "none":  # keys past the last one the mask lets any row see are never read
+        end = _live_end(mask_base, start, end, offs_g, group, stride_mh, stride_mn, MASK, BLOCK_N)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_D], tl.float32)
