@@ -20,7 +20,8 @@ from kompakt.errors import CodegenError
 from kompakt.ir.fused import inline_fused, is_fused, pattern_of
 
 PLAIN = "canonicalize,infer-shapes"
-ROT = PLAIN + ",fuse-rotary"
+ROT = PLAIN + ",fuse-rotary{pair=false}"  # one group per rotated tensor
+PAIRED = PLAIN + ",fuse-rotary"  # q and k of a layer in one node
 QUANT = PLAIN + ",quantize-weights{bits=4,group-size=16},fuse-dequant-matmul,fuse-norm"
 ALL = QUANT + ",fuse-rotary,fuse-attention"
 ALL_SWAPPED = QUANT + ",fuse-attention,fuse-rotary"  # the groups do not overlap: either order
@@ -115,9 +116,55 @@ def test_triton_backend_runs_the_rotary_kernel(captured, name, pipeline):
         got, want = first_output(triton(ids)), first_output(reference(ids))
         torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     summary = triton._backend.summary()
-    assert "rotary x4" in summary and "fell back" not in summary
+    launches = "rotary x4" if pipeline == ROT else "rotary x2"  # q, k of 2 layers; or paired
+    assert launches in summary and "fell back" not in summary
     if pipeline != ROT:  # attention reads the rotary outputs as q and k
         assert "attention x2" in summary and "dequant_matmul x" in summary and "norm x5" in summary
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_q_and_k_of_a_layer_pair_into_one_node_and_one_launch(captured, name):
+    """The default pairs each layer's q and k (the same tables): one node with roles x and x2
+    and two outputs, the same numbers as the unfused model, one kernel launch."""
+    cm = compile_for_gpu(captured(name), PAIRED)
+    groups = _groups(cm.ir)
+    assert len(groups) == 2  # one per layer
+    for node in groups:
+        roles = list(node.attributes["roles"].as_strings())
+        assert {"x", "x2", "cos", "sin"} <= set(roles) and len(node.outputs) == 2
+        assert [_input(node, r).shape[1] for r in ("x", "x2")] in ([4, 2], [2, 4])
+    plain = compile_for_gpu(captured(name), PLAIN)
+    for shape in (EXAMPLE_SHAPE, OTHER_SHAPE):
+        ids = tokens(shape)
+        assert torch.equal(first_output(cm(ids)), first_output(plain(ids)))
+    assert cm.report().passes[-1].result.stats["launches"] == 2
+    pytest.importorskip("triton")
+    triton = compile_for_gpu(captured(name), PAIRED, backend="triton", device=DEVICE)
+    ids = tokens(OTHER_SHAPE)
+    torch.testing.assert_close(
+        first_output(triton(ids)).cpu(), first_output(cm(ids)).cpu(), rtol=1e-5, atol=1e-5
+    )
+    assert "rotary x2" in triton._backend.summary()
+
+
+def test_a_rotation_of_a_rotation_is_not_paired_with_it():
+    """rope(rope(x)) with one pair of tables: the second group reads the first's output, so one
+    node holding both would feed itself; they stay two nodes."""
+
+    class Twice(torch.nn.Module):
+        def forward(self, x, cos, sin):
+            def rope(v):
+                half = v.shape[-1] // 2
+                return v * cos + torch.cat((-v[..., half:], v[..., :half]), dim=-1) * sin
+
+            return rope(rope(x))
+
+    args = (torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cm = compile_for_gpu(Twice(), PAIRED, example_inputs=args)
+    assert [len(n.outputs) for n in _groups(cm.ir)] == [1, 1]
+    torch.testing.assert_close(cm(*args), Twice()(*args))
 
 
 # Hand-built graphs in torch.onnx's spelling: the tables' shapes, partial rotary, near misses.

@@ -68,6 +68,32 @@ def test_rotary_matches_reference(dtype, shape, config):
         assert torch.equal(got[..., rotary_dim:], x[..., rotary_dim:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("config", [None, SMALL], ids=["default", "small"])
+def test_pair_rotates_q_and_k_in_one_launch(dtype, shape, config):
+    """q and k (k with fewer heads, as grouped-query attention has them) in one launch: each
+    equals its own launch_rotary, whichever tensor a program's head group belongs to."""
+    batch, heads, seq, head_dim, rotary_dim, cos_batch = shape
+    q = _x((batch, heads, seq, head_dim), dtype, seed=1)
+    k = _x((batch, max(1, heads // 2), seq, head_dim), dtype, seed=2).transpose(1, 2)
+    k = k.contiguous().transpose(1, 2)  # stored [B, S, H, D], as a projection leaves it
+    cos, sin = _tables(cos_batch, seq, rotary_dim, dtype)
+    got_q, got_k = kernel.launch_rotary_pair(q, k, cos, sin, config=config)
+    torch.testing.assert_close(got_q, rotary_reference(q, cos, sin), **TOLERANCE[dtype])
+    torch.testing.assert_close(got_k, rotary_reference(k, cos, sin), **TOLERANCE[dtype])
+    assert got_k.shape == k.shape and got_k.is_contiguous()
+
+
+def test_pair_rejects_a_second_tensor_of_another_shape_or_dtype():
+    q = _x((1, 4, 5, 16), torch.float32)
+    cos, sin = _tables(1, 5, 16, torch.float32)
+    with pytest.raises(CodegenError, match=r"x2 must be \[1, H2, 5, 16\]"):
+        kernel.launch_rotary_pair(q, _x((1, 4, 6, 16), torch.float32), cos, sin)
+    with pytest.raises(CodegenError, match="x2 has dtype torch.float16"):
+        kernel.launch_rotary_pair(q, q.half(), cos, sin)
+
+
 def test_layouts():
     cos, sin = _tables(1, 6, 16, torch.float16)
     projected = _x((2, 6, 3, 16), torch.float16)  # [B, S, H, D] as a projection writes it

@@ -18,11 +18,12 @@ from kompakt.codegen.binding import input_roles
 from kompakt.errors import CodegenError
 
 _DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-_KNOWN_ROLES = {"x", "cos", "sin", "bound"}
+_KNOWN_ROLES = {"x", "x2", "cos", "sin", "bound"}
 
 
-def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
-    """A kernel closure taking the fused node's inputs; returns its one output."""
+def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
+    """A kernel closure taking the fused node's inputs; returns its output (two, in order, for a
+    q/k pair: roles ``x`` and ``x2``)."""
     from kompakt.codegen.rotary.kernel import launch_rotary
 
     where = f"rotary node '{node.name}'"
@@ -56,20 +57,34 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
                 f"[1, {seq}, {rotary_dim}] or [{batch} or 1, 1, {seq}, {rotary_dim}], "
                 f"got {_name(table.dtype)}{table.shape if dims is not None else '[?]'}"
             )
-    if len(node.outputs) != 1:
+    rotated = [x] if "x2" not in index else [x, node.inputs[index["x2"]]]
+    if len(node.outputs) != len(rotated):
         raise CodegenError(
-            f"{where}: the kernel writes one output, the node has {len(node.outputs)}"
+            f"{where}: the kernel writes {len(rotated)} output(s), the node has {len(node.outputs)}"
         )
-    out = node.outputs[0]
-    if out.dtype is not None and out.dtype != x.dtype:
-        raise CodegenError(
-            f"{where}: output '{out.name}' is {_name(out.dtype)}, but the kernel writes x's dtype "
-            f"{_name(x.dtype)}"
-        )
-    if out.shape is not None and list(out.shape) != shape:
-        raise CodegenError(f"{where}: output shape {out.shape} differs from x {x.shape}")
+    for value, out in zip(rotated, node.outputs, strict=True):
+        if value.dtype != x.dtype:
+            raise CodegenError(f"{where}: x2 '{value.name}' is not {_name(x.dtype)} like x")
+        if out.dtype is not None and out.dtype != x.dtype:
+            raise CodegenError(
+                f"{where}: output '{out.name}' is {_name(out.dtype)}, but the kernel writes "
+                f"x's dtype {_name(x.dtype)}"
+            )
+        if out.shape is not None and value.shape is not None and out.shape != value.shape:
+            raise CodegenError(
+                f"{where}: output shape {out.shape} differs from its input {value.shape}"
+            )
 
     x_at, cos_at, sin_at = index["x"], index["cos"], index["sin"]
+    if len(rotated) == 2:
+        from kompakt.codegen.rotary.kernel import launch_rotary_pair
+
+        x2_at = index["x2"]
+
+        def pair(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return launch_rotary_pair(inputs[x_at], inputs[x2_at], inputs[cos_at], inputs[sin_at])
+
+        return pair
 
     def kernel(*inputs: torch.Tensor) -> torch.Tensor:
         return launch_rotary(inputs[x_at], inputs[cos_at], inputs[sin_at])

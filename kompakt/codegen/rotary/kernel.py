@@ -34,8 +34,9 @@ def rotary_kernel(
     stride_xb, stride_xh, stride_xs,  # features are contiguous (unit stride) in x, cos and sin
     stride_cb, stride_cs,  # stride_cb = 0: one table for the whole batch
     stride_sb, stride_ss,
+    x2_ptr, out2_ptr, H2, stride_x2b, stride_x2h, stride_x2s, GROUPS,  # PAIR: the second tensor
     BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
-    HEADS: tl.constexpr, HAS_PASS: tl.constexpr,
+    HEADS: tl.constexpr, HAS_PASS: tl.constexpr, PAIR: tl.constexpr,
 ):  # fmt: skip
     # Batch and position blocks share grid axis 0 (axis 1 and 2 stop at 65535 programs).
     pid = tl.program_id(0)
@@ -51,11 +52,31 @@ def rotary_kernel(
     sin2 = tl.load(sin_ptr + s_off + (j + HALF)[None, :], mask=mask, other=0.0)
     cos2 = cos2.to(tl.float32)
     sin2 = sin2.to(tl.float32)
+    group = tl.program_id(1)
+    if PAIR and group >= GROUPS:  # the second tensor's head groups follow the first's
+        _rotate_heads(
+            x2_ptr, out2_ptr, H2, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
+            stride_x2b, stride_x2h, stride_x2s, (group - GROUPS) * HEADS,
+            BLOCK_PASS, HEADS, HAS_PASS,
+        )  # fmt: skip
+    else:
+        _rotate_heads(
+            x_ptr, out_ptr, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
+            stride_xb, stride_xh, stride_xs, group * HEADS, BLOCK_PASS, HEADS, HAS_PASS,
+        )  # fmt: skip
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr, out_ptr, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
+    stride_xb, stride_xh, stride_xs, h_start,
+    BLOCK_PASS: tl.constexpr, HEADS: tl.constexpr, HAS_PASS: tl.constexpr,
+):  # fmt: skip
+    """Rotates heads [h_start, h_start + HEADS) of x (fewer at the end) into out."""
     if HAS_PASS:
         p = 2 * HALF + tl.arange(0, BLOCK_PASS)
         pass_mask = (s < S)[:, None] & (p < D)[None, :]
     # Pointers to this program's first head, stepped one head per iteration.
-    h_start = tl.program_id(1) * HEADS
     x_row = x_ptr + b * stride_xb + h_start.to(tl.int64) * stride_xh
     x_row += s.to(tl.int64)[:, None] * stride_xs  # S x a [B, S, H, D] row stride can pass 2^31
     o_row = out_ptr + ((b * H + h_start) * S + s[:, None]) * D
@@ -79,10 +100,36 @@ def launch_rotary(
 ) -> torch.Tensor:
     """Rotary embedding of x [B, H, S, D] by cos/sin [B or 1, S, R] (R <= D, even; also [S, R]
     or [B or 1, 1, S, R]). Returns a contiguous [B, H, S, D] in x's dtype."""
+    return _launch(x, None, cos, sin, config)[0]
+
+
+def launch_rotary_pair(
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`launch_rotary` of q and k in one launch: x [B, H, S, D] and x2 [B, H2, S, D] (H2 may
+    differ: grouped-query attention) share the tables; the second's head groups follow the
+    first's on the grid. ``config`` is chosen for H + H2 heads."""
+    _check_tensor("x2", x2, device=x.device if isinstance(x, torch.Tensor) else None)
+    return _launch(x, x2, cos, sin, config)
+
+
+def _launch(x, x2, cos, sin, config):
     _check_tensor("x", x)
     if x.dim() != 4:
         raise CodegenError(f"rotary: x must be [B, H, S, D], got shape {list(x.shape)}")
     batch, heads, seq, head_dim = x.shape
+    if x2 is not None:
+        if x2.dim() != 4 or (x2.shape[0], x2.shape[2], x2.shape[3]) != (batch, seq, head_dim):
+            raise CodegenError(
+                f"rotary: x2 must be [{batch}, H2, {seq}, {head_dim}] like x {list(x.shape)}, "
+                f"got {list(x2.shape)}"
+            )
+        if x2.dtype != x.dtype:
+            raise CodegenError(f"rotary: x2 has dtype {x2.dtype} but x has {x.dtype}")
     tables = {}
     for name, table in (("cos", cos), ("sin", sin)):
         _check_tensor(name, table, device=x.device)
@@ -104,21 +151,31 @@ def launch_rotary(
         )
     x = _unit_feature_stride(x)
     out = torch.empty((batch, heads, seq, head_dim), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    config = config or choose_config(batch, heads, seq, head_dim, rotary_dim)
+    pair = x2 is not None
+    if pair:
+        x2 = _unit_feature_stride(x2)
+        out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    else:
+        x2, out2 = x, out  # any pointers: PAIR is off, they are never read
+    heads2 = x2.shape[1] if pair else 0
+    outputs = (out, out2) if pair else (out,)
+    if batch * seq * head_dim == 0 or heads + heads2 == 0:
+        return outputs
+    config = config or choose_config(batch, heads + heads2, seq, head_dim, rotary_dim)
     s_blocks = triton.cdiv(seq, config.block_s)
-    grid = (batch * s_blocks, triton.cdiv(heads, config.heads))
+    groups = triton.cdiv(heads, config.heads)
+    grid = (batch * s_blocks, groups + triton.cdiv(heads2, config.heads))
     rotary_kernel[grid](
         x, cos3, sin3, out,
         heads, seq, head_dim, rotary_dim // 2, s_blocks,
         x.stride(0), x.stride(1), x.stride(2),
         _batch_stride(cos3), cos3.stride(1),
         _batch_stride(sin3), sin3.stride(1),
-        **constants(config, head_dim, rotary_dim),
+        x2, out2, heads2, x2.stride(0), x2.stride(1), x2.stride(2), groups,
+        **constants(config, head_dim, rotary_dim), PAIR=pair,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return out
+    return outputs
 
 
 def _unit_feature_stride(t: torch.Tensor) -> torch.Tensor:

@@ -105,12 +105,18 @@ def aot_variants(arch: str) -> list[Variant]:
             Variant(
                 KERNEL,
                 signature(dtype),
-                constants=constants(config, head_dim, rotary_dim),
+                constants={**constants(config, head_dim, rotary_dim), "PAIR": False},
                 arch=arch,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
             )
         )
+    # q and k of a Llama-3-8B-like decode step (32 + 8 heads) in one launch
+    config = choose_config(1, 40, 1, 128, 128, arch)
+    pair = {**constants(config, 128, 128), "PAIR": True}
+    variants.append(
+        Variant(KERNEL, signature("fp16"), pair, arch, config.num_warps, config.num_stages)
+    )
     return variants
 
 
@@ -122,21 +128,25 @@ def constants(config: Config, head_dim: int, rotary_dim: int) -> dict[str, int |
         "BLOCK_PASS": _next_pow2(max(1, head_dim - rotary_dim)),
         "HEADS": config.heads,
         "HAS_PASS": rotary_dim < head_dim,
-    }
+    }  # PAIR is given per launch (aot_variants: both)
 
 
 def signature(dtype: str, table_dtype: str | None = None) -> dict[str, str]:
-    """Triton argument types of `rotary_kernel` for x of ``dtype``."""
+    """Triton argument types of `rotary_kernel` for x (and x2) of ``dtype``."""
     act, table = f"*{dtype}", f"*{table_dtype or dtype}"
     ints = (
         "H S D HALF S_BLOCKS stride_xb stride_xh stride_xs stride_cb stride_cs stride_sb stride_ss"
     )
+    second = "H2 stride_x2b stride_x2h stride_x2s GROUPS"
     return {
         "x_ptr": act,
         "cos_ptr": table,
         "sin_ptr": table,
         "out_ptr": act,
         **dict.fromkeys(ints.split(), "i32"),
+        "x2_ptr": act,
+        "out2_ptr": act,
+        **dict.fromkeys(second.split(), "i32"),
     }
 
 

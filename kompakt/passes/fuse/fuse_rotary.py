@@ -52,25 +52,38 @@ class FuseRotary(Pass):
     output of x's shape. cos/sin stay outside the group (Llama's Unsqueezed tables feed every
     layer's q and k). The kernel computes in fp32 and rounds once where the body rounds after
     each op (fp16 models): equal to the body up to that rounding.
+
+    With ``pair`` (the default), two groups that read the same cos and sin (a layer's q and k)
+    with the same rotary dim, batch, positions and head size become one fused node with two
+    outputs, which the kernel rotates in one launch: roles ``x`` and ``x2``, outputs in that
+    order.
+
+    Args:
+        pair: Fuse q's and k's rotations into one node (one launch).
     """
 
     name: ClassVar[str] = "fuse-rotary"
+    pair: bool = True
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         graph = model.graph
-        fused, kept = 0, []
+        groups, kept, taken = [], [], set()
         for node in list(graph):
-            if node.graph is not graph or not is_op(node, "Neg"):
-                continue  # (a node already taken into a group has its body as graph)
+            if not is_op(node, "Neg") or id(node) in taken:
+                continue
             found = _match(node, graph)
             if found is None:
                 continue  # a Neg that is no rotate_half
             if isinstance(found, str):
                 kept.append(f"{node.name}: {found}")
                 continue
-            _fuse(model, found)
-            fused += 1
-        return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
+            groups.append(found)
+            taken.update(id(n) for n in found.nodes)
+        units = _pairs(groups, graph) if self.pair else [[g] for g in groups]
+        for unit in units:
+            _fuse(model, unit)
+        stats = {"fused": len(groups), "kept": len(kept), "launches": len(units)}
+        return PassResult(changed=bool(groups), stats=stats, notes=kept)
 
 
 @dataclass
@@ -233,7 +246,68 @@ def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(i) for i in attr.as_ints()]
 
 
-def _fuse(model: ir.Model, found: _Group) -> ir.Node:
-    node = fuse_nodes(model, found.nodes, "rotary", [ir.AttrInt64("rotary_dim", found.rotary_dim)])
-    node.attributes["roles"] = found.roles.attribute(node)
+def _pairs(groups: list[_Group], graph: ir.Graph) -> list[list[_Group]]:
+    """Groups in units of one launch: each group with the next one that can share it (same
+    tables, rotary dim, and x of one batch, positions and head size), first output first."""
+    position = {id(n): i for i, n in enumerate(graph)}
+    units: list[list[_Group]] = []
+    waiting: list[_Group] = []
+    for group in groups:
+        mate = next((w for w in waiting if _can_pair(w, group)), None)
+        if mate is None:
+            waiting.append(group)
+            continue
+        if _reaches(mate, group.x, position) or _reaches(group, mate.x, position):
+            waiting.append(group)  # one rotates what the other produced: no single node
+            continue
+        waiting.remove(mate)
+        units.append(sorted([mate, group], key=lambda g: position[id(g.nodes[-1])]))
+    units.extend([w] for w in waiting)
+    return units
+
+
+def _reaches(group: _Group, value: ir.Value, position: dict[int, int]) -> bool:
+    """Whether ``value`` is computed from the group's nodes (the graph is sorted, so the walk
+    back stops at nodes placed before the group's first)."""
+    inside = {id(n) for n in group.nodes}
+    first = min(position[key] for key in inside)
+    todo, seen = [value.producer()], set()
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen or position.get(id(node), -1) < first:
+            continue
+        if id(node) in inside:
+            return True
+        seen.add(id(node))
+        todo.extend(v.producer() for v in node.inputs if v is not None)
+    return False
+
+
+def _can_pair(a: _Group, b: _Group) -> bool:
+    ta, tb = _tables(a), _tables(b)
+    if ta is None or tb is None or ta != tb or a.rotary_dim != b.rotary_dim:
+        return False
+    xa, xb = list(a.x.shape), list(b.x.shape)
+    return (
+        a.x.dtype == b.x.dtype
+        and _same_dim(xa[0], xb[0])
+        and _same_dim(xa[2], xb[2])
+        and xa[3] == xb[3]
+    )
+
+
+def _tables(group: _Group) -> tuple[int, int] | None:
+    cos = [k for k, role in group.roles.items() if "cos" in role.split("+")]
+    sin = [k for k, role in group.roles.items() if "sin" in role.split("+")]
+    return (cos[0], sin[0]) if len(cos) == 1 and len(sin) == 1 else None
+
+
+def _fuse(model: ir.Model, unit: list[_Group]) -> ir.Node:
+    roles = Roles()
+    for i, group in enumerate(unit):
+        roles.merge(group.roles, {"x": "x2"} if i else None)
+    nodes = [n for group in unit for n in group.nodes]
+    attributes = [ir.AttrInt64("rotary_dim", unit[0].rotary_dim)]
+    node = fuse_nodes(model, nodes, "rotary", attributes)
+    node.attributes["roles"] = roles.attribute(node)
     return node

@@ -65,13 +65,21 @@ class Roles(dict):
     is how binders read them back (`kompakt.codegen.binding.input_roles`)."""
 
     def add(self, value: ir.Value | None, name: str) -> None:
-        if value is None:
-            return
-        old = self.get(id(value))
+        if value is not None:
+            self._add(id(value), name)
+
+    def merge(self, other: Roles, rename: dict[str, str] | None = None) -> None:
+        """Adds another group's roles, renamed by ``rename`` (e.g. ``{"x": "x2"}``)."""
+        for key, roles in other.items():
+            for name in roles.split("+"):
+                self._add(key, (rename or {}).get(name, name))
+
+    def _add(self, key: int, name: str) -> None:
+        old = self.get(key)
         if old is None:
-            self[id(value)] = name
+            self[key] = name
         elif name not in old.split("+"):
-            self[id(value)] = f"{old}+{name}"
+            self[key] = f"{old}+{name}"
 
     def has(self, name: str) -> bool:
         return any(name in roles.split("+") for roles in self.values())
