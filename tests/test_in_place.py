@@ -107,6 +107,16 @@ def test_an_input_anything_else_reads_is_never_overwritten():
     assert present[2].tolist() == [-1.0, -1.0, -1.0] and torch.equal(other, -past)
 
 
+def test_in_place_writes_wrap_negative_indices_like_scatter_nd():
+    plan = ExecutionPlan(_scatter_graph(False))
+    for index in (-1, 3):
+        past = torch.zeros(4, 3)
+        feeds = {"past": past, "idx": torch.tensor([[index]]), "new": torch.ones(1, 3)}
+        (present,) = plan.run(feeds, donate=True)
+        assert present.data_ptr() == past.data_ptr() and past[3].tolist() == [1.0, 1.0, 1.0]
+        assert past[:3].abs().sum() == 0
+
+
 def test_one_tensor_fed_for_several_caches_is_not_overwritten(decode_graph):
     """Donation needs each cache to be its own memory; a tensor fed for every cache (or a
     broadcast one) runs out of place, computing what separate caches give."""

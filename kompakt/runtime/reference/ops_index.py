@@ -101,9 +101,15 @@ def scatter_nd(node: NodeInfo) -> Kernel:
 
 def scatter_nd_in_place(x: torch.Tensor, indices: torch.Tensor, updates: torch.Tensor):
     """ScatterND without reduction, written into ``x`` (returned): for a run allowed to overwrite
-    ``x`` (kompakt.runtime.in_place)."""
+    ``x`` (kompakt.runtime.in_place), a KV cache's per-token write in a decode step.
+
+    Negative indices wrap with one ``remainder`` per indexed axis rather than `_wrap`'s compare,
+    add and select: on a GPU each is a launch, and this runs twice per layer per token. Indices
+    outside [-size, size) are an error in ONNX; here they wrap instead of failing (`generate`
+    checks positions against the cache length before it runs)."""
     depth = indices.shape[-1]
-    index = _nd_index(x.shape, indices.reshape(-1, depth))
+    flat = indices.reshape(-1, depth).to(torch.int64)
+    index = tuple(flat[:, k].remainder(x.shape[k]) for k in range(depth))
     raw(x).index_put_(index, raw(updates).reshape(-1, *x.shape[depth:]))
     return x
 
