@@ -64,3 +64,27 @@ def test_kernel_failure_names_the_node_and_shapes():
         match=r"op 'MatMul' at node 'bad_mm' failed on inputs \(float32\[2, 3\], float32\[4, 5\]\)",
     ):
         ExecutionPlan(model).run({"a": torch.randn(2, 3), "b": torch.randn(4, 5)})
+
+
+def test_a_fused_body_runs_where_its_inputs_are():
+    """A body's own Constant follows the inputs' device (on a GPU: CUDA, not the CPU); "meta"
+    stands in for another device here."""
+    from kompakt.ir.fused import fuse_nodes
+
+    x = ir.val("x", ir.DataType.FLOAT, [2])
+    const = ir.node(
+        "Constant", [], attributes={"value": ir.tensor([1.0, 2.0], dtype=ir.DataType.FLOAT)}
+    )
+    add = ir.node("Add", [x, const.outputs[0]], name="add")
+    add.outputs[0].name = "y"
+    model = ir.Model(
+        ir.Graph([x], [add.outputs[0]], nodes=[const, add], opset_imports={"": 21}), ir_version=10
+    )
+    fuse_nodes(model, [const, add], "test")
+    fused = next(iter(model.graph))
+    from kompakt.runtime.reference.registry import build_kernel
+
+    kernel = build_kernel(fused, 21)
+    (y,) = kernel(torch.zeros(2, device="meta"))
+    assert y.device.type == "meta" and y.shape == (2,)
+    assert kernel(torch.zeros(2))[0].tolist() == [1.0, 2.0]
