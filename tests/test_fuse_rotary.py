@@ -147,24 +147,51 @@ def test_q_and_k_of_a_layer_pair_into_one_node_and_one_launch(captured, name):
     assert "rotary x2" in triton._backend.summary()
 
 
-def test_a_rotation_of_a_rotation_is_not_paired_with_it():
-    """rope(rope(x)) with one pair of tables: the second group reads the first's output, so one
-    node holding both would feed itself; they stay two nodes."""
+def _rope(v, cos, sin):
+    half = v.shape[-1] // 2
+    return v * cos + torch.cat((-v[..., half:], v[..., :half]), dim=-1) * sin
 
-    class Twice(torch.nn.Module):
-        def forward(self, x, cos, sin):
-            def rope(v):
-                half = v.shape[-1] // 2
-                return v * cos + torch.cat((-v[..., half:], v[..., :half]), dim=-1) * sin
 
-            return rope(rope(x))
-
-    args = (torch.randn(2, 3, 5, 8), torch.randn(1, 1, 5, 8), torch.randn(1, 1, 5, 8))
+def _paired(module, *shapes):
+    """Compiles ``module`` with pairing; returns the launches and whether it computes the same."""
+    args = tuple(torch.randn(*shape) for shape in shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cm = compile_for_gpu(Twice(), PAIRED, example_inputs=args)
-    assert [len(n.outputs) for n in _groups(cm.ir)] == [1, 1]
-    torch.testing.assert_close(cm(*args), Twice()(*args))
+        cm = compile_for_gpu(module, PAIRED, example_inputs=args)
+    got, want = cm(*args), module(*args)
+    got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
+    same = all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want, strict=True))
+    return cm.report().passes[-1].result.stats["launches"], same
+
+
+class _Twice(torch.nn.Module):
+    def forward(self, x, cos, sin):  # the second rotation reads the first's result
+        return _rope(_rope(x, cos, sin), cos, sin)
+
+
+class _LoneThenPair(torch.nn.Module):
+    def forward(self, x, cos, sin):  # a rotation nothing pairs with, then a q/k of the next layer
+        a = _rope(x, cos, sin)
+        return _rope(a * 2.0, cos, sin), _rope(a[:, :1] * 3.0, cos, sin)
+
+
+class _TwoTableKinds(torch.nn.Module):
+    def forward(self, xa, xd, c1, s1, c2, s2):  # pairs (a, b) and (d, c) cross-depend
+        a = _rope(xa, c1, s1)
+        d = _rope(xd, c2, s2)
+        c = _rope(a[..., :4] + 1, c2, s2)
+        b = _rope(torch.cat([d, d], -1) * 2, c1, s1)
+        return b, c
+
+
+def test_pairs_never_make_a_node_feed_itself_and_do_not_get_stuck():
+    """A rotation of a rotation stays two nodes; a lone rotation does not keep the next layer's
+    q and k from pairing; and a pair that an earlier fused pair made depend on itself is fused
+    as two nodes (found when it is fused, not when pairs are chosen)."""
+    assert _paired(_Twice(), (2, 3, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8)) == (2, True)
+    assert _paired(_LoneThenPair(), (1, 4, 5, 8), (1, 1, 5, 8), (1, 1, 5, 8)) == (2, True)
+    shapes = [(1, 2, 5, 8), (1, 2, 5, 4), (1, 1, 5, 8), (1, 1, 5, 8), (1, 1, 5, 4), (1, 1, 5, 4)]
+    assert _paired(_TwoTableKinds(), *shapes) == (3, True)
 
 
 # Hand-built graphs in torch.onnx's spelling: the tables' shapes, partial rotary, near misses.

@@ -10,6 +10,7 @@ import torch
 from conftest import tokens
 
 import kompakt
+from kompakt.errors import KompaktError
 from kompakt.lowering.kv_cache import capture_with_cache
 from kompakt.runtime.in_place import donatable_updates
 from kompakt.runtime.plan import ExecutionPlan
@@ -107,7 +108,8 @@ def test_an_input_anything_else_reads_is_never_overwritten():
     assert present[2].tolist() == [-1.0, -1.0, -1.0] and torch.equal(other, -past)
 
 
-def test_in_place_writes_wrap_negative_indices_like_scatter_nd():
+def test_in_place_writes_take_indices_as_scatter_nd_does():
+    """Negative indices count from the end; one past the end is an error, donated or not."""
     plan = ExecutionPlan(_scatter_graph(False))
     for index in (-1, 3):
         past = torch.zeros(4, 3)
@@ -115,6 +117,10 @@ def test_in_place_writes_wrap_negative_indices_like_scatter_nd():
         (present,) = plan.run(feeds, donate=True)
         assert present.data_ptr() == past.data_ptr() and past[3].tolist() == [1.0, 1.0, 1.0]
         assert past[:3].abs().sum() == 0
+    for donate in (False, True):
+        feeds = {"past": torch.zeros(4, 3), "idx": torch.tensor([[4]]), "new": torch.ones(1, 3)}
+        with pytest.raises(KompaktError, match="ScatterND"):
+            plan.run(feeds, donate=donate)
 
 
 def test_one_tensor_fed_for_several_caches_is_not_overwritten(decode_graph):

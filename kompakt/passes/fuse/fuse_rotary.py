@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 
-from kompakt.ir.fused import fuse_nodes
+from kompakt.ir.fused import body_of, fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.match import (
@@ -79,10 +79,21 @@ class FuseRotary(Pass):
                 continue
             groups.append(found)
             taken.update(id(n) for n in found.nodes)
-        units = _pairs(groups, graph) if self.pair else [[g] for g in groups]
+        order = {id(n): i for i, n in enumerate(graph)}
+        units = _pairs(groups, order) if self.pair else [[g] for g in groups]
+        launches = 0
         for unit in units:
-            _fuse(model, unit)
-        stats = {"fused": len(groups), "kept": len(kept), "launches": len(units)}
+            # Earlier fusions add paths (a fused node's outputs depend on all its inputs): a pair
+            # that one node could hold before may no longer be convex.
+            position = {id(n): i for i, n in enumerate(graph)}
+            if len(unit) == 2 and _depends(unit, position):
+                for group in unit:
+                    _fuse(model, [group])
+                launches += 2
+            else:
+                _fuse(model, unit)
+                launches += 1
+        stats = {"fused": len(groups), "kept": len(kept), "launches": launches}
         return PassResult(changed=bool(groups), stats=stats, notes=kept)
 
 
@@ -246,29 +257,32 @@ def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
     return None if attr is None else [int(i) for i in attr.as_ints()]
 
 
-def _pairs(groups: list[_Group], graph: ir.Graph) -> list[list[_Group]]:
-    """Groups in units of one launch: each group with the next one that can share it (same
-    tables, rotary dim, and x of one batch, positions and head size), first output first."""
-    position = {id(n): i for i, n in enumerate(graph)}
+def _pairs(groups: list[_Group], position: dict[int, int]) -> list[list[_Group]]:
+    """Groups in units of one launch: each group with the first earlier, still single group that
+    can share its launch (same tables, rotary dim, and x of one batch, positions and head size;
+    neither computed from the other)."""
     units: list[list[_Group]] = []
     waiting: list[_Group] = []
     for group in groups:
-        mate = next((w for w in waiting if _can_pair(w, group)), None)
+        mate = next((w for w in waiting if _can_pair(w, group, position)), None)
         if mate is None:
             waiting.append(group)
             continue
-        if _reaches(mate, group.x, position) or _reaches(group, mate.x, position):
-            waiting.append(group)  # one rotates what the other produced: no single node
-            continue
         waiting.remove(mate)
-        units.append(sorted([mate, group], key=lambda g: position[id(g.nodes[-1])]))
+        units.append([mate, group])
     units.extend([w] for w in waiting)
     return units
 
 
+def _depends(unit: list[_Group], position: dict[int, int]) -> bool:
+    """Whether one group of a pair reads what the other computes, in the graph as it is now."""
+    a, b = unit
+    return _reaches(a, b.x, position) or _reaches(b, a.x, position)
+
+
 def _reaches(group: _Group, value: ir.Value, position: dict[int, int]) -> bool:
-    """Whether ``value`` is computed from the group's nodes (the graph is sorted, so the walk
-    back stops at nodes placed before the group's first)."""
+    """Whether ``value`` is computed from the group's nodes; ``position`` is each node's place
+    in the (sorted) graph, so the walk back stops at nodes placed before the group's first."""
     inside = {id(n) for n in group.nodes}
     first = min(position[key] for key in inside)
     todo, seen = [value.producer()], set()
@@ -283,7 +297,9 @@ def _reaches(group: _Group, value: ir.Value, position: dict[int, int]) -> bool:
     return False
 
 
-def _can_pair(a: _Group, b: _Group) -> bool:
+def _can_pair(a: _Group, b: _Group, position: dict[int, int]) -> bool:
+    if _depends([a, b], position):
+        return False  # one rotates what the other produced: no single node can hold both
     ta, tb = _tables(a), _tables(b)
     if ta is None or tb is None or ta != tb or a.rotary_dim != b.rotary_dim:
         return False
@@ -303,11 +319,15 @@ def _tables(group: _Group) -> tuple[int, int] | None:
 
 
 def _fuse(model: ir.Model, unit: list[_Group]) -> ir.Node:
-    roles = Roles()
-    for i, group in enumerate(unit):
-        roles.merge(group.roles, {"x": "x2"} if i else None)
+    finals = [group.nodes[-1].outputs[0] for group in unit]  # each group's one result
     nodes = [n for group in unit for n in group.nodes]
     attributes = [ir.AttrInt64("rotary_dim", unit[0].rotary_dim)]
     node = fuse_nodes(model, nodes, "rotary", attributes)
+    # The fused node's outputs come in graph order; x is the group whose result is output 0.
+    outputs = body_of(node).outputs
+    roles = Roles()
+    for i, value in enumerate(outputs):
+        group = unit[next(j for j, final in enumerate(finals) if final is value)]
+        roles.merge(group.roles, {"x": "x2"} if i else None)
     node.attributes["roles"] = roles.attribute(node)
     return node

@@ -103,13 +103,12 @@ def scatter_nd_in_place(x: torch.Tensor, indices: torch.Tensor, updates: torch.T
     """ScatterND without reduction, written into ``x`` (returned): for a run allowed to overwrite
     ``x`` (kompakt.runtime.in_place), a KV cache's per-token write in a decode step.
 
-    Negative indices wrap with one ``remainder`` per indexed axis rather than `_wrap`'s compare,
-    add and select: on a GPU each is a launch, and this runs twice per layer per token. Indices
-    outside [-size, size) are an error in ONNX; here they wrap instead of failing (`generate`
-    checks positions against the cache length before it runs)."""
+    ``index_put_`` takes the indices as they are: it wraps negative ones and rejects those out of
+    range itself, so this is one launch on a GPU (it runs twice per layer per token), where
+    `_wrap`'s compare, add and select would be three more."""
     depth = indices.shape[-1]
     flat = indices.reshape(-1, depth).to(torch.int64)
-    index = tuple(flat[:, k].remainder(x.shape[k]) for k in range(depth))
+    index = tuple(flat[:, k] for k in range(depth))
     raw(x).index_put_(index, raw(updates).reshape(-1, *x.shape[depth:]))
     return x
 
