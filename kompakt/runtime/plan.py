@@ -13,7 +13,7 @@ device value on the host, unless `host_syncs` lists one.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 import torch
@@ -42,7 +42,7 @@ class Step:
     kernel: Kernel
     inputs: tuple[int, ...]  # slots, _NONE for an omitted optional input
     outputs: tuple[int, ...]  # slots, _NONE for an unused optional output
-    free: tuple[int, ...]  # slots whose last use is this step
+    free: tuple[int, ...] = ()  # slots whose last use is this step
     host: bool = False  # a host step: CPU tensors in and out (host_values)
     uploads: tuple[tuple[int, int], ...] = ()  # (CPU slot, device slot) copied after the step
     in_place: Kernel | None = None  # the kernel of a run that donates its feeds (in_place)
@@ -88,7 +88,7 @@ class ExecutionPlan:
                 constant_values[id(value)] = value
 
         problems: list[UnsupportedOpError] = []
-        raw_steps = []
+        steps: list[Step] = []
         for node in graph:
             domain = node.domain if node.domain != "ai.onnx" else ""
             opset = node.version or imports.get(domain, 1)
@@ -104,7 +104,7 @@ class ExecutionPlan:
                 continue
             ins = tuple(_NONE if v is None else self._use(slots, v, node) for v in node.inputs)
             outs = tuple(slot(v) if v.name or v.uses() else _NONE for v in node.outputs)
-            raw_steps.append((node, kernel, ins, outs))
+            steps.append(Step(node, kernel, ins, outs))
         if problems:
             raise problems[0] if len(problems) == 1 else _many_unsupported(problems)
         donatable = donatable_updates(graph)
@@ -117,26 +117,21 @@ class ExecutionPlan:
         self.step_seconds: list[float] = []
         sizes = {key: self._constants[slots[key]].numel() for key in constant_values}
         given = [v for v in graph.inputs if v.name in set(host_inputs)]
-        host = analyse([node for node, *_ in raw_steps], graph.inputs, sizes, given)
+        host = analyse([step.node for step in steps], graph.inputs, sizes, given)
         self.host_syncs: list[str] = host.syncs
         """Host reads of data-derived device values left in a steady-state run (see module)."""
-        raw_steps, cached = self._split_host_steps(raw_steps, host, slots)
+        steps, cached = self._split_host_steps(steps, host, slots)
+        in_place = moves_data(scatter_nd_in_place)
+        steps = [
+            replace(step, in_place=in_place) if id(step.node) in donatable else step
+            for step in steps
+        ]
         keep = set(self._constants) | set(self._output_slots) | cached
-        in_place = {
-            i: moves_data(scatter_nd_in_place)
-            for i, r in enumerate(raw_steps)
-            if id(r[0]) in donatable
-        }
-        self.steps = self._with_frees(raw_steps, keep, in_place)
+        self.steps = self._with_frees(steps, keep)
         self._cached_slots = sorted(cached)
         self._remembered_outputs = [i for i, s in enumerate(self._output_slots) if s in cached]
-        device = [i for i, r in enumerate(raw_steps) if not r[4]]
         self._device_steps = (
-            self._with_frees(
-                [raw_steps[i] for i in device],
-                keep,
-                {j: in_place[i] for j, i in enumerate(device) if i in in_place},
-            )
+            self._with_frees([step for step in steps if not step.host], keep)
             if host.host_steps
             else None
         )
@@ -149,14 +144,17 @@ class ExecutionPlan:
         signatures."""
         if self._device_steps is None:
             return []
-        signature = tuple((tuple(feeds[n].shape), feeds[n].dtype) for n in self.input_names)
-        slot_names = dict(zip(self._input_slots, self.input_names, strict=True))
-        signature += tuple(
-            tuple(feeds[slot_names[s]].reshape(-1).tolist()) for s, _ in self._host_inputs
-        )
+        signature = self._signature([feeds[name] for name in self.input_names])
         return list(self._host_results.get(signature, ()))
 
-    def _split_host_steps(self, raw_steps, host: HostAnalysis, slots: dict[int, int]):
+    def _signature(self, inputs: Sequence[torch.Tensor]) -> tuple:
+        """What host results are remembered under: every input's shape and dtype (in order),
+        and the values of the inputs that only feed shape arithmetic (``host_inputs``)."""
+        shapes = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        values = tuple(tuple(inputs[i].reshape(-1).tolist()) for i in self._host_input_positions)
+        return shapes + values
+
+    def _split_host_steps(self, steps: list[Step], host: HostAnalysis, slots: dict[int, int]):
         """Rewires host steps to CPU copies of their values (new slots) and device steps to read
         those copies where they read on the host; returns the steps (with a host flag and the
         uploads each host step makes) and the slots a steady-state run takes from the cache."""
@@ -171,12 +169,13 @@ class ExecutionPlan:
             return cpu[s]
 
         host_slot = {slots[key] for key in host.host_values if key in slots}
-        produced = {s for i in host.host_steps for s in raw_steps[i][3] if s != _NONE}
+        produced = {s for i in host.host_steps for s in steps[i].outputs if s != _NONE}
         needed_on_device: set[int] = set(self._output_slots) & produced
-        rewired = []
-        for index, (node, kernel, ins, outs) in enumerate(raw_steps):
+        rewired: list[Step] = []
+        for index, step in enumerate(steps):
+            ins, outs, kernel = step.inputs, step.outputs, step.kernel
             if index in host.host_steps:
-                if node.op_type in SHAPE_OPS and not all(s in host_slot for s in ins):
+                if step.node.op_type in SHAPE_OPS and not all(s in host_slot for s in ins):
                     kernel = _on_stand_in(kernel)  # of a device value: reads its shape only
                 else:
                     ins = tuple(cpu_slot(s) if s in host_slot else s for s in ins)
@@ -185,20 +184,23 @@ class ExecutionPlan:
                 reads = host.host_reads.get(index, ())
                 ins = tuple(cpu_slot(s) if i in reads else s for i, s in enumerate(ins))
                 needed_on_device.update(s for s in ins if s in produced)
-            rewired.append([node, kernel, ins, outs, index in host.host_steps, ()])
+            host_step = index in host.host_steps
+            rewired.append(replace(step, kernel=kernel, inputs=ins, outputs=outs, host=host_step))
         cached = set(needed_on_device)
         back = {c: s for s, c in cpu.items()}
-        for entry in rewired:
-            if entry[4]:
-                entry[5] = tuple(
-                    (c, back[c]) for c in entry[3] if c != _NONE and back[c] in needed_on_device
+        for i, step in enumerate(rewired):
+            if step.host:  # its results that device steps read as data are copied there
+                uploads = tuple(
+                    (c, back[c]) for c in step.outputs if c != _NONE and back[c] in needed_on_device
                 )
+                rewired[i] = replace(step, uploads=uploads)
             else:
-                cached.update(s for s in entry[2] if s in back and s not in self._constants)
+                cached.update(s for s in step.inputs if s in back and s not in self._constants)
         self._host_inputs = [(s, cpu[s]) for s in self._input_slots if s in cpu]
+        self._host_input_positions = [self._input_slots.index(s) for s, _ in self._host_inputs]
         self.host_slots = frozenset(cpu.values())
         """Slots holding CPU tensors (host values); every other slot holds device tensors."""
-        return [tuple(e) for e in rewired], cached
+        return rewired, cached
 
     def _use(self, slots: dict[int, int], value: ir.Value, node: ir.Node | None) -> int:
         if id(value) not in slots:
@@ -209,20 +211,18 @@ class ExecutionPlan:
             )
         return slots[id(value)]
 
-    def _with_frees(self, raw_steps, keep: set[int], in_place: dict[int, Kernel]) -> list[Step]:
+    def _with_frees(self, steps: list[Step], keep: set[int]) -> list[Step]:
+        """``steps`` each freeing the slots (not in ``keep``) whose last use it is."""
         last_use: dict[int, int] = {}
-        for index, (_, _, ins, outs, _, uploads) in enumerate(raw_steps):
-            for s in (*ins, *outs, *(d for _, d in uploads)):
+        for index, step in enumerate(steps):
+            for s in (*step.inputs, *step.outputs, *(d for _, d in step.uploads)):
                 if s != _NONE:
                     last_use[s] = index
         frees: dict[int, list[int]] = {}
         for s, index in last_use.items():
             if s not in keep:
                 frees.setdefault(index, []).append(s)
-        return [
-            Step(node, kernel, ins, outs, tuple(frees.get(i, ())), host, uploads, in_place.get(i))
-            for i, (node, kernel, ins, outs, host, uploads) in enumerate(raw_steps)
-        ]
+        return [replace(step, free=tuple(frees.get(i, ()))) for i, step in enumerate(steps)]
 
     def run(
         self,
@@ -250,8 +250,7 @@ class ExecutionPlan:
         for s, c in self._host_inputs:
             env[c] = env[s].cpu()
         if self._device_steps is not None:
-            signature = tuple((tuple(env[s].shape), env[s].dtype) for s in self._input_slots)
-            signature += tuple(tuple(env[c].reshape(-1).tolist()) for _, c in self._host_inputs)
+            signature = self._signature([env[s] for s in self._input_slots])
             remembered = self._host_results.pop(signature, None)
             if remembered is not None:
                 self._host_results[signature] = remembered  # most recently used: evicted last
