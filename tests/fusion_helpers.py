@@ -18,6 +18,24 @@ def first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def assert_same_as_unfused(cm, plain, shapes, inlines_back=True):
+    """The fused compile gives exactly the unfused one's output at every shape (token ids of
+    ``shapes``), and, inlined again, is the unfused graph op for op."""
+    import collections
+
+    import torch
+    from conftest import tokens
+
+    from kompakt.ir.fused import inline_fused
+
+    for shape in shapes:
+        ids = tokens(shape)
+        assert torch.equal(first_output(cm(ids)), first_output(plain(ids)))
+    if inlines_back:
+        ops = collections.Counter(n.op_type for n in inline_fused(cm.ir).graph)
+        assert ops == collections.Counter(n.op_type for n in plain.ir.graph)
+
+
 def assert_exports_standard_onnx(cm, folder, ids, rtol=1e-4, atol=1e-5):
     """The compiled model exports with no kompakt ops left, and onnxruntime runs the file to
     the compiled model's output."""

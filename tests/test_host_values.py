@@ -56,10 +56,9 @@ def _steady_state_run(plan: ExecutionPlan, feeds: dict[str, torch.Tensor]) -> li
     """Runs ``feeds`` once to record the host values, then again with every device-side tensor
     (feeds, constants, remembered uploads) as `DeviceOnly`; asserts nothing is uploaded."""
     plan.run(feeds)
-    for slots in [plan._constants]:
-        for s in list(slots):
-            if s not in plan.host_slots:
-                slots[s] = _on_device(slots[s])
+    for s, tensor in plan._constants.items():
+        if s not in plan.host_slots:
+            plan._constants[s] = _on_device(tensor)
     for key, remembered in plan._host_results.items():
         plan._host_results[key] = [
             t if s in plan.host_slots else _on_device(t)

@@ -102,6 +102,8 @@ class _Group:
     nodes: list[ir.Node]
     x: ir.Value
     rotary_dim: int
+    cos: ir.Value
+    sin: ir.Value
     roles: Roles = field(default_factory=Roles)
 
 
@@ -150,7 +152,7 @@ def _match(neg: ir.Node, graph: ir.Graph) -> _Group | str | None:
     reason = _check_tables(xr, cos, sin, add.outputs[0])
     if reason:
         return reason
-    group = _Group([neg_slice, plain_slice, neg, cat, mul_sin, mul_cos, add], xr, r)
+    group = _Group([neg_slice, plain_slice, neg, cat, mul_sin, mul_cos, add], xr, r, cos, sin)
     for s in (neg_slice, plain_slice):
         for value in s.inputs[1:]:
             group.roles.add(value, "bound")
@@ -300,8 +302,7 @@ def _reaches(group: _Group, value: ir.Value, position: dict[int, int]) -> bool:
 def _can_pair(a: _Group, b: _Group, position: dict[int, int]) -> bool:
     if _depends([a, b], position):
         return False  # one rotates what the other produced: no single node can hold both
-    ta, tb = _tables(a), _tables(b)
-    if ta is None or tb is None or ta != tb or a.rotary_dim != b.rotary_dim:
+    if a.cos is not b.cos or a.sin is not b.sin or a.rotary_dim != b.rotary_dim:
         return False
     xa, xb = list(a.x.shape), list(b.x.shape)
     return (
@@ -310,12 +311,6 @@ def _can_pair(a: _Group, b: _Group, position: dict[int, int]) -> bool:
         and _same_dim(xa[2], xb[2])
         and xa[3] == xb[3]
     )
-
-
-def _tables(group: _Group) -> tuple[int, int] | None:
-    cos = [k for k, role in group.roles.items() if "cos" in role.split("+")]
-    sin = [k for k, role in group.roles.items() if "sin" in role.split("+")]
-    return (cos[0], sin[0]) if len(cos) == 1 and len(sin) == 1 else None
 
 
 def _fuse(model: ir.Model, unit: list[_Group]) -> ir.Node:
