@@ -42,6 +42,11 @@ class Variant:
             whose address allows it (torch allocations do); without the promise the compiler
             must assume byte alignment, emits scalar loads and cannot pipeline them, and the
             registers and spills reported would not be those of a real launch.
+        int_args: Values of the integer arguments at the launch the variant stands for. As
+            Triton's launcher does, a value of 1 is compiled in as a constant and a multiple of
+            16 is promised divisible by 16 (what lets a row that starts at ``row * stride`` load
+            as 16-byte vectors, and masks by ``N`` cover whole vectors); an integer argument
+            left out gets no promise, which is how the kernel builds for an odd size.
     """
 
     kernel: str
@@ -51,6 +56,7 @@ class Variant:
     num_warps: int = 4
     num_stages: int = 3
     aligned: bool = True
+    int_args: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,14 +80,32 @@ class Built:
         """Hopper warp-group MMA (``wgmma.mma_async``)."""
         return "wgmma.mma_async" in self.ptx
 
+    @property
+    def widest_load_bits(self) -> int:
+        """Bits read from global memory by the kernel's widest single load instruction (a
+        ``ld.global`` vector, or a ``cp.async`` copy into shared memory); 128 is a full 16-byte
+        vector, what a bandwidth-bound kernel needs to approach the copy rate."""
+        widest = 0
+        for vec, bits in _LOAD.findall(self.ptx):
+            widest = max(widest, int(vec or 1) * int(bits))
+        for size in _CP_ASYNC.findall(self.ptx):
+            widest = max(widest, 8 * int(size, 0))
+        return widest
+
     def summary(self) -> str:
         name = self.variant.kernel.rsplit(":", 1)[-1]
         tc = "wgmma" if self.uses_wgmma else "mma" if self.uses_mma else "no tensor cores"
         return (
             f"{name} {self.variant.arch}: {self.registers} registers, "
             f"{self.spill_stores}/{self.spill_loads} bytes spilled (store/load), "
-            f"{self.shared_bytes} B shared, {tc}"
+            f"{self.shared_bytes} B shared, {tc}, loads up to {self.widest_load_bits} bits"
         )
+
+
+_LOAD = re.compile(r"\bld\.global[\w:.]*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+_CP_ASYNC = re.compile(
+    r"\bcp\.async\.c[ag]\.shared\.global[\w:.]*\s+\[[^\]]*\],\s*\[[^\]]*\],\s*(\w+)"
+)
 
 
 def compile_variants(variants: list[Variant]) -> list[Built]:
@@ -125,17 +149,11 @@ def _compile_one(variant: Variant) -> Built:
     fn = getattr(importlib.import_module(module_name), function_name)
     if not isinstance(fn, JITFunction):
         raise CodegenError(f"{variant.kernel} is not a @triton.jit function")
-    signature = dict(variant.signature)
-    for name in variant.constants:
+    signature, constants, divisible = _specialize(variant)
+    for name in constants:
         signature[name] = "constexpr"
-    attrs = {}
-    if variant.aligned:
-        attrs = {
-            (fn.arg_names.index(name),): [["tt.divisibility", 16]]
-            for name, kind in variant.signature.items()
-            if kind.startswith("*")
-        }
-    source = ASTSource(fn, signature, dict(variant.constants), attrs)
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = ASTSource(fn, signature, constants, attrs)
     capability = ARCHS[variant.arch]
     try:
         compiled = triton.compile(
@@ -148,6 +166,27 @@ def _compile_one(variant: Variant) -> Built:
     ptx = compiled.asm["ptx"]
     usage = _ptxas_usage(ptx, capability)
     return Built(variant=variant, ptx=ptx, shared_bytes=int(compiled.metadata.shared), **usage)
+
+
+def _specialize(variant: Variant) -> tuple[dict[str, str], dict, list[str]]:
+    """Signature, constants and the arguments promised divisible by 16, as Triton's launcher
+    would specialize a launch with ``variant.int_args``."""
+    signature = dict(variant.signature)
+    constants = dict(variant.constants)
+    divisible = [n for n, kind in signature.items() if variant.aligned and kind.startswith("*")]
+    for name, value in variant.int_args.items():
+        kind = "" if name in constants else signature.get(name, "")
+        if not re.fullmatch(r"[iu](8|16|32|64)", kind):
+            raise CodegenError(
+                f"{variant.kernel}: int_args names '{name}', which is not an integer argument "
+                f"of the signature ({'a constant' if name in constants else kind or 'absent'})"
+            )
+        if value == 1:
+            del signature[name]
+            constants[name] = 1
+        elif value % 16 == 0 and variant.aligned:
+            divisible.append(name)
+    return signature, constants, divisible
 
 
 _USAGE = re.compile(r"Used (\d+) registers")

@@ -103,6 +103,7 @@ def check_builds(built: list, marks: tuple[str, ...]) -> list:
     matmuls = []
     for b in built:
         print(b.summary(), {k: b.variant.constants.get(k) for k in ("BLOCK_M", "BLOCK_N")})
+        assert b.widest_load_bits == 128 and b.spill_stores == 0, b.summary()
         if b.variant.kernel.rsplit(":", 1)[-1] != "scaled_matmul_kernel":
             continue
         matmuls.append(b)

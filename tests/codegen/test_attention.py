@@ -366,6 +366,8 @@ def test_aot_builds(arch):
     for b in built:
         print(b.summary())
         assert b.registers > 0
+        # specialized like a launch on contiguous heads: q, K, V load in 16-byte vectors
+        assert b.widest_load_bits == 128 and b.spill_stores == 0, b.summary()
     prefill = [b for b in built if b.variant.kernel.endswith("flash_prefill_kernel")]
     tiles = sorted(
         (b.variant.signature["Q"], b.variant.constants["BLOCK_M"], b.variant.constants["MASK"])

@@ -125,9 +125,12 @@ def test_choose_config_regimes():
     one = choose_config(1, 4096, 4096, 128, arch="sm_80")
     assert not one.use_dot and one.split_k > 1  # one row: split K to reach every SM
     assert choose_config(1, 4096, 4096, 64).block_k == 64  # a tile never straddles two groups
-    for m in (1, 2, 4, 8):  # no tensor cores: the product tile stays at 8192 fp32 values
+    for m in (1, 2):  # no tensor cores: the product tile stays at 8192 fp32 values
         c = choose_config(m, 4096, 4096, 128)
-        assert c.block_m * c.block_k * c.block_n <= 8192
+        assert not c.use_dot and c.block_m * c.block_k * c.block_n <= 8192
+    for m in (3, 4, 8, 16):  # a register tile this tall could not load the weight in 16 bytes
+        c = choose_config(m, 4096, 4096, 128)
+        assert c.regime == "gemv" and c.use_dot and c.block_m == 16
     with pytest.raises(CodegenError, match="multiple of 16"):
         choose_config(1, 64, 64, 8)
 
@@ -144,5 +147,7 @@ def test_aot_compiles_every_regime_with_tensor_cores(arch):
             assert b.uses_wgmma
         else:
             assert b.uses_mma
-        if arch == "sm_90" or b.variant.constants["BLOCK_M"] < 128:
-            assert b.spill_stores == 0, b.summary()
+        assert b.spill_stores == 0, b.summary()
+        # Every regime reads the packed weight (and x) in 16-byte vectors at these sizes: what
+        # the GEMV's share of copy bandwidth depends on.
+        assert b.widest_load_bits == 128, b.summary()

@@ -143,6 +143,8 @@ def test_aot_builds_without_spills(arch):
         assert built.registers > 0 and ".visible .entry glu_kernel" in built.ptx
         assert built.spill_stores == 0 and built.spill_loads == 0
         assert not built.uses_mma and not built.uses_wgmma
+        # gate and up (halves of one merged row, stride 2F) load in 16-byte vectors
+        assert built.widest_load_bits == 128
 
 
 @pytest.mark.gpu

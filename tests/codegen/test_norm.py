@@ -148,6 +148,7 @@ def test_aot_builds_without_spills(arch):
         assert built.registers > 0 and ".visible .entry norm_kernel" in built.ptx
         assert built.spill_stores == 0 and built.spill_loads == 0
         assert not built.uses_mma and not built.uses_wgmma
+        assert built.widest_load_bits == 128  # rows load in 16-byte vectors
 
 
 @pytest.mark.gpu

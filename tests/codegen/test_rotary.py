@@ -182,6 +182,8 @@ def test_aot_builds_without_spills(arch):
         assert built.registers > 0 and ".visible .entry rotary_kernel" in built.ptx
         assert built.spill_stores == 0 and built.spill_loads == 0
         assert not built.uses_mma and not built.uses_wgmma
+        if built.variant.constants["BLOCK_S"] > 1:  # prefill: 16-byte vectors; decode (one
+            assert built.widest_load_bits == 128  # position a program) is latency-bound
 
 
 @pytest.mark.gpu

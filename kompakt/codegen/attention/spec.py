@@ -68,8 +68,9 @@ def _prefill_config(
 ) -> Config:
     if dtype_bytes == 4:
         # fp32 runs 3xTF32 dots (three tensor-core passes): fp32 operands take twice the
-        # registers of fp16 ones, so tiles are small. ptxas: D <= 64 builds without spills on
-        # both archs; at D=128 every tile tried spills some (this one: 28 B sm_80, 68 B sm_90).
+        # registers of fp16 ones, so tiles are small. ptxas, builds specialized like a launch:
+        # D <= 64 builds without spills on both archs; at D=128 this tile takes 254 registers
+        # and spills nothing, 64 x 16 and 32 x 32 spill (sm_80: 1.5 KB and 4 B).
         if head_dim == 128:
             return Config(block_m=32, block_n=16, num_warps=4, num_stages=2)
         return Config(block_m=64, block_n=16, num_warps=8, num_stages=2)
@@ -86,12 +87,12 @@ def prefill_tile(block_m: int, head_dim: int, arch: str) -> Config:
     """The fp16 prefill tile for a given number of query rows (also what AOT builds)."""
     if block_m >= 128:
         # At D=128 the [128, 128] fp32 accumulator is 128 registers a thread with 4 warps; 8
-        # warps halve it (ptxas: 225 registers on sm_80, 180 on sm_90, no spills). At D=64, 4
+        # warps halve it (ptxas: 217 registers on sm_80, 180 on sm_90, no spills). At D=64, 4
         # warps spill on sm_80 and 8 build with 155; D <= 32 fits 4 warps (under 200).
         return Config(block_m, 64, num_warps=8 if head_dim >= 64 else 4, num_stages=3)
     # Ampere keeps q's mma fragments in registers: at D=128 with 64-key score tiles a 4-warp
-    # program needs more than 255 registers and spills, 32-key tiles build with 182. Hopper's
-    # wgmma reads q from shared memory and fits 64 keys (188 registers).
+    # program hits the 255-register ceiling, 32-key tiles build with 172. Hopper's wgmma reads q
+    # from shared memory and fits 64 keys (176 registers).
     block_n = 32 if arch == "sm_80" and head_dim == 128 else 64
     # Three K/V stages: 16 KiB of q plus 3 x 32 KiB of K and V = 112 KiB of shared memory at
     # D=128 (128 KiB with 128 rows), under Ampere's 163 KiB and Hopper's 227 KiB per block.
@@ -192,7 +193,13 @@ def _unit_inner_strides(sig: dict[str, str]) -> dict[str, int]:
 
 
 def _prefill_variant(
-    dtype: str, head_dim: int, tile: Config, arch: str, mask: str | None = None
+    dtype: str,
+    head_dim: int,
+    tile: Config,
+    arch: str,
+    mask: str | None = None,
+    heads: tuple[int, int] = (32, 8),
+    seq: int = 4096,
 ) -> Variant:
     sig = prefill_signature(dtype, mask)
     consts: dict = {"HEAD_D": head_dim, "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n}
@@ -203,7 +210,46 @@ def _prefill_variant(
     if mask is not None:
         consts["stride_mn"] = 1  # a contiguous key axis, as masks are laid out
     kernel = f"{_MODULE}:flash_prefill_kernel"
-    return Variant(kernel, sig, consts, arch, tile.num_warps, tile.num_stages)
+    ints = _prefill_ints(heads, seq, head_dim, masked=mask is not None)
+    return Variant(kernel, sig, consts, arch, tile.num_warps, tile.num_stages, True, ints)
+
+
+def _prefill_ints(heads: tuple[int, int], seq: int, head_dim: int, masked: bool) -> dict[str, int]:
+    """Integer arguments of a batch-1 prefill launch as fuse-attention binds it: q and out are
+    head views [B, H, S, D] of [B, S, H, D] projections, k and v static caches [B, Hkv, S, D],
+    the mask [B, 1, S, S] (zeros when there is none)."""
+    heads_q, heads_kv = heads
+    rows = {"b": seq * heads_q * head_dim, "h": head_dim, "m": heads_q * head_dim}
+    cache = {"b": heads_kv * seq * head_dim, "h": seq * head_dim, "n": head_dim}
+    mask = {"b": seq * seq, "h": 0, "m": seq} if masked else dict.fromkeys("bhm", 0)
+    ints = {f"stride_q{d}": v for d, v in rows.items()} | {
+        f"stride_o{d}": v for d, v in rows.items()
+    }
+    ints |= {f"stride_{t}{d}": v for t in "kv" for d, v in cache.items()}
+    ints |= {f"stride_m{d}": v for d, v in mask.items()}
+    if not masked:
+        ints["stride_mn"] = 0
+    return ints | {"heads_q": heads_q, "group": heads_q // heads_kv, "seq_q": seq, "seq_kv": seq}
+
+
+def _decode_ints(
+    config: Config, heads: tuple[int, int], seq_kv: int, head_dim: int, masked: bool
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Integer arguments of a batch-1 decode launch (split kernel, combine kernel): q and out
+    contiguous [B, H, 1, D], static caches [B, Hkv, seq_kv, D], the mask [B, 1, 1, seq_kv]."""
+    heads_q, heads_kv = heads
+    chunk = _cdiv(_cdiv(seq_kv, config.num_splits), config.block_n) * config.block_n
+    splits = _cdiv(seq_kv, chunk)
+    cache = {"b": heads_kv * seq_kv * head_dim, "h": seq_kv * head_dim, "n": head_dim}
+    split = {"stride_qb": heads_q * head_dim, "stride_qh": head_dim}
+    split |= {f"stride_{t}{d}": v for t in "kv" for d, v in cache.items()}
+    split |= {"stride_mb": seq_kv if masked else 0, "stride_mh": 0}
+    if not masked:
+        split["stride_mn"] = 0
+    split |= {"heads_kv": heads_kv, "group": heads_q // heads_kv, "seq_kv": seq_kv}
+    split |= {"chunk": chunk, "num_splits": splits}
+    combine = {"stride_ob": heads_q * head_dim, "stride_oh": head_dim}
+    return split, combine | {"heads_q": heads_q, "num_splits": splits}
 
 
 def aot_variants(arch: str) -> list[Variant]:
@@ -212,7 +258,8 @@ def aot_variants(arch: str) -> list[Variant]:
     and the fp16 D=128 decode pairs (by lengths; by an fp16 mask), all as the heuristic
     configures them."""
     out = [_prefill_variant("fp16", 128, prefill_tile(m, 128, arch), arch) for m in (64, 128)]
-    out.append(_prefill_variant("fp32", 64, _prefill_config(1, 1, 4096, 64, 4, arch), arch))
+    fp32_tile = _prefill_config(1, 1, 4096, 64, 4, arch)
+    out.append(_prefill_variant("fp32", 64, fp32_tile, arch, heads=(1, 1)))
     out.append(_prefill_variant("fp16", 128, prefill_tile(64, 128, arch), arch, mask="fp16"))
     decode = _decode_config(1, 8, 32768, 128, 2, arch)
     # Decode by lengths (the launcher's own use), and by an fp16 additive mask over every cache
@@ -226,9 +273,12 @@ def aot_variants(arch: str) -> list[Variant]:
         if mask is not None:
             consts["stride_mn"] = 1
         kernel = f"{_MODULE}:flash_decode_split_kernel"
-        out.append(Variant(kernel, sig, consts, arch, decode.num_warps, decode.num_stages))
+        split, combine = _decode_ints(decode, (32, 8), 32768, 128, masked=mask is not None)
+        warps, stages = decode.num_warps, decode.num_stages
+        out.append(Variant(kernel, sig, consts, arch, warps, stages, True, split))
         sig = decode_combine_signature("fp16")
         consts = {"HEAD_D": 128, "BLOCK_S": 64, **_unit_inner_strides(sig)}  # up to MAX_SPLITS
         consts["BASE2"] = mask is None  # a masked split's maxima are in natural units
-        out.append(Variant(f"{_MODULE}:flash_decode_combine_kernel", sig, consts, arch, 4, 1))
+        kernel = f"{_MODULE}:flash_decode_combine_kernel"
+        out.append(Variant(kernel, sig, consts, arch, 4, 1, True, combine))
     return out

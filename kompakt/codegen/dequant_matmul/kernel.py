@@ -2,9 +2,10 @@
 
 One kernel source covers the three regimes; `spec.choose_config` picks the constants:
 
-- GEMV (M <= 16): a few rows of x; without tensor cores for M <= 8 (a broadcast multiply and a
-  sum over K: every loaded weight is used M times, tensor cores would waste 15/16 of each MMA), and
-  split along K so that one row still spreads the weight over every SM.
+- GEMV (M <= 16): a few rows of x; without tensor cores for M <= 2 (a broadcast multiply and a
+  sum over K), one 16-row ``tl.dot`` tile above (wasted MMA rows cost nothing next to the weight
+  read, and the tile keeps 16-byte weight loads), split along K so that one row still spreads the
+  weight over every SM.
 - split-K (16 < M <= 128): tensor-core tiles, still split along K when the N tiles alone would
   leave SMs idle.
 - GEMM (M > 128): tensor-core tiles, no split.

@@ -2,8 +2,11 @@
 
 Regimes by M (rows of x), as the fastest low-bit kernels split them:
 
-- ``gemv``   M <= 16: weight streaming dominates; small BLOCK_M, no tensor cores up to M = 8,
-  and split-K so that the N tiles times the K splits cover every SM a few times over.
+- ``gemv``   M <= 16: weight streaming dominates; split-K so that the N tiles times the K splits
+  cover every SM a few times over. M <= 2 multiplies in registers (no tensor cores); M = 3..16
+  takes one 16-row tensor-core tile, because a register tile for 4 or 8 rows must shrink its K
+  depth until the packed weight no longer loads as 16-byte vectors (64-bit loads at M = 4, 32-bit
+  at M = 8 in the sm_80/sm_90 builds), and the weight read is what a GEMV's time is.
 - ``splitk`` 16 < M <= 128: tensor-core tiles; split K only while N tiles leave SMs idle.
 - ``gemm``   M > 128: large tensor-core tiles, no split.
 """
@@ -59,6 +62,21 @@ def _block_k(group_size: int, k: int, wanted: int) -> int:
     return block
 
 
+# Rows up to which the GEMV multiplies in registers rather than on a 16-row tensor-core tile.
+_REGISTER_ROWS = 2
+
+
+def gemv_tile(m: int, k: int, group_size: int, tensor_cores: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of a GEMV (M <= 16) on tensor cores (16 rows, tl.dot) or
+    with the [BLOCK_M, BLOCK_K, BLOCK_N] product in registers."""
+    if tensor_cores:
+        return 16, 128, _block_k(group_size, k, 64)
+    block_m, block_n = _next_pow2(m), 64
+    # 8192 fp32 products is 64 registers a thread at 4 warps (M = 1 at 64 x 128 builds with
+    # 64-70); more rows take a shorter K tile instead of spilling.
+    return block_m, block_n, _block_k(group_size, k, min(128, max(16, 8192 // (block_m * 64))))
+
+
 def choose_config(
     m: int, n: int, k: int, group_size: int, bits: int = 4, arch: str = "sm_90"
 ) -> Config:
@@ -67,21 +85,16 @@ def choose_config(
         raise CodegenError(f"unknown arch '{arch}'; known: {', '.join(SM_COUNT)}")
     sms = SM_COUNT[arch]
     if m <= 16:
-        block_m = min(_next_pow2(m), 16)
-        block_n = 64 if block_m < 16 else 128
-        # Without tensor cores the [BLOCK_M, BLOCK_K, BLOCK_N] product lives in registers:
-        # 8192 fp32 values is 64 per thread at 4 warps (M = 1 at 64 x 128 builds with 64-70
-        # registers); wider M takes a shorter K tile instead of spilling.
-        wanted = 64 if block_m == 16 else max(16, 8192 // (block_m * block_n))
-        block_k = _block_k(group_size, k, min(128, wanted))
+        block_m, block_n, block_k = gemv_tile(m, k, group_size, tensor_cores=m > _REGISTER_ROWS)
         regime, warps, stages = "gemv", 4, 3
     elif m <= 128:
         block_m, block_n = 32 if m <= 32 else 64, 128
         block_k = _block_k(group_size, k, 64)
         regime, warps, stages = "splitk", 4, 4
     else:
-        # BLOCK_K 32: the dequantized 128x64 tile plus the accumulator spill on sm_80/sm_90 at
-        # 8 warps (ptxas, Triton 3.9); 32 keeps sm_90 spill-free (tests print the numbers).
+        # BLOCK_K 32 (163 registers on sm_80, 128 on sm_90, no spills; tests print them). 64
+        # also builds spill-free once specialized like a launch (225 registers on sm_80, twice
+        # the shared memory); which is faster is for a GPU to measure.
         block_m, block_n = 128, 128
         block_k = _block_k(group_size, k, 32)
         regime, warps, stages = "gemm", 8, 3
@@ -114,21 +127,24 @@ def _signature(dtype: str) -> dict[str, str]:
 
 
 def aot_variants(arch: str) -> list[Variant]:
-    """Each regime (and the widest GEMV without tensor cores, M = 8) at K = N = 4096, group 128,
-    fp16, 4-bit, with a residual epilogue."""
+    """Each regime (GEMV: M = 1 and 2 in registers, M = 8 and 16 on tensor cores) at
+    K = N = 4096, group 128, fp16, 4-bit, with a residual epilogue, specialized as a launch with
+    contiguous tensors would be."""
     variants = []
-    for m in (1, 8, 16, 64, 256):
+    for m in (1, 2, 8, 16, 64, 256):
         c = choose_config(m, 4096, 4096, 128, 4, arch)
         constants = dict(
             BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=True,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
             USE_DOT=c.use_dot, UPCAST=False, EVEN_K=True,
         )  # fmt: skip
-        variants.append(
-            Variant(_KERNEL, _signature("fp16"), constants, arch, c.num_warps, c.num_stages)
-        )
-        if m == 16:  # bf16 checkpoints (most HF LLMs) take the same tiles
+        # contiguous x, residual and y, as the launcher passes them
+        ints = dict(M=m, N=4096, K=4096, stride_xm=4096, stride_rm=4096, stride_om=4096)
+        for dtype in ("fp16", "bf16") if m == 16 else ("fp16",):  # bf16: most HF checkpoints
             variants.append(
-                Variant(_KERNEL, _signature("bf16"), constants, arch, c.num_warps, c.num_stages)
-            )
+                Variant(
+                    _KERNEL, _signature(dtype), constants, arch, c.num_warps, c.num_stages,
+                    int_args=ints,
+                )
+            )  # fmt: skip
     return variants

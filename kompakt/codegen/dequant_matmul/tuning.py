@@ -15,7 +15,7 @@ import torch
 
 from kompakt.codegen.autotune import AutotuneCache, bucket, tune
 from kompakt.codegen.dequant_matmul.layout import PackedWeight
-from kompakt.codegen.dequant_matmul.spec import Config, choose_config
+from kompakt.codegen.dequant_matmul.spec import Config, choose_config, gemv_tile
 from kompakt.errors import CodegenError
 
 KERNEL = "dequant_matmul"
@@ -37,7 +37,8 @@ def heuristic(m: int, weight: PackedWeight, arch: str = "sm_90") -> dict:
 def candidates(
     m: int, weight: PackedWeight, arch: str = "sm_90", cuda: bool = False, epilogue: bool = False
 ) -> list[dict]:
-    """The heuristic's choice and its neighbours (tile widths, split-K), plus CUDA C for GEMV."""
+    """The heuristic's choice and its neighbours (tile widths, split-K), the other GEMV tile
+    (registers or tensor cores), plus CUDA C for GEMV."""
     base = choose_config(m, weight.n, weight.k, weight.group_size, weight.bits, arch)
     seen, out = set(), []
     for block_n in (base.block_n // 2, base.block_n, base.block_n * 2):
@@ -47,6 +48,10 @@ def candidates(
             if key not in seen:
                 seen.add(key)
                 out.append({"family": "triton", **dataclasses.asdict(config)})
+    if base.regime == "gemv" and m <= 8:  # the other GEMV tile: registers vs tensor cores
+        rows, block_n, block_k = gemv_tile(m, weight.k, weight.group_size, not base.use_dot)
+        other = dataclasses.replace(base, block_m=rows, block_n=block_n, block_k=block_k)
+        out.append({"family": "triton", **dataclasses.asdict(other)})
     if cuda and m <= 16 and weight.bits == 4 and not epilogue:
         from kompakt.codegen.cuda_gemv.spec import choose_config as cuda_choose
 

@@ -86,6 +86,8 @@ def aot_variants(arch: str) -> list[Variant]:
                 arch=arch,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
+                # gate and up are the halves of one merged [n_rows, 2F] GEMM output
+                int_args={"n_rows": n_rows, "F": f, "stride_gate": 2 * f, "stride_up": 2 * f},
             )
         )
     return variants

@@ -107,8 +107,10 @@ def aot_variants(arch: str) -> list[Variant]:
         signature = {f"in{i}": _POINTER[dtype_in] for i in range(len(chain.inputs))}
         signature |= {f"out{k}": _POINTER[d] for k, d in enumerate(outs)}
         signature["N"] = "i32"
+        ints = {"N": _LARGE}
         if any(o.role == "row" for o in chain.inputs):
             signature["D"] = "i32"
+            ints["D"] = 4096  # a hidden size: rows of the bias-like operand
         variants.append(
             Variant(
                 kernel=f"kompakt.codegen.pointwise.cache:{module_stem(source)}",
@@ -117,6 +119,7 @@ def aot_variants(arch: str) -> list[Variant]:
                 arch=arch,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
+                int_args=ints,
             )
         )
     return variants

@@ -109,15 +109,43 @@ def aot_variants(arch: str) -> list[Variant]:
                 arch=arch,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
+                int_args=_launch_ints(config, batch, seq, head_dim, rotary_dim, (heads, 0), heads),
             )
         )
-    # q and k of a Llama-3-8B-like decode step (32 + 8 heads) in one launch
+    # q and k of a Llama-3-8B-like decode step (32 + 8 heads) in one launch, both read in place
+    # from the merged q/k/v projection (32 + 8 + 8 heads a row)
     config = choose_config(1, 40, 1, 128, 128, arch)
     pair = {**constants(config, 128, 128), "PAIR": True}
+    ints = _launch_ints(config, 1, 1, 128, 128, (32, 8), 48)
     variants.append(
-        Variant(KERNEL, signature("fp16"), pair, arch, config.num_warps, config.num_stages)
+        Variant(
+            KERNEL, signature("fp16"), pair, arch, config.num_warps, config.num_stages, True, ints
+        )
     )
     return variants
+
+
+def _launch_ints(
+    config: Config,
+    batch: int,
+    seq: int,
+    head_dim: int,
+    rotary_dim: int,
+    heads: tuple[int, int],
+    row_heads: int,
+) -> dict[str, int]:
+    """Integer arguments of a launch on x (and x2) viewed [B, H, S, D] from a projection output
+    [B, S, row_heads * D], with one cos/sin table [1, S, R] shared by the batch."""
+    row = row_heads * head_dim
+    strides = {"b": seq * row, "h": head_dim, "s": row}
+    return {
+        "H": heads[0], "S": seq, "D": head_dim, "HALF": rotary_dim // 2,
+        "S_BLOCKS": -(-seq // config.block_s), "GROUPS": -(-heads[0] // config.heads),
+        "stride_cb": 0, "stride_cs": rotary_dim, "stride_sb": 0, "stride_ss": rotary_dim,
+        "H2": heads[1],
+        **{f"stride_x{d}": v for d, v in strides.items()},
+        **{f"stride_x2{d}": v for d, v in strides.items()},
+    }  # fmt: skip
 
 
 def constants(config: Config, head_dim: int, rotary_dim: int) -> dict[str, int | bool]:

@@ -102,9 +102,9 @@ def quantize_bytes(m: int, k: int, in_bytes: int = 2) -> int:
     return m * k * in_bytes + m * k + 4 * m
 
 
-# Ahead-of-time variants are built for a 4096 x 4096 weight. Strides go in as constants: the JIT
-# specializes unit strides and strides divisible by 16 at launch (that is what lets loads be
-# 16-byte vectors), and a `Variant` has no way to say "divisible by 16" for a runtime argument.
+# Ahead-of-time variants are built for a 4096 x 4096 weight. Strides go in as constants (the JIT
+# specializes unit strides and strides divisible by 16 at launch, which is what lets loads be
+# 16-byte vectors); M, N and K go in as `Variant.int_args`, specialized the same way.
 AOT_SHAPE = 4096
 
 
@@ -155,6 +155,7 @@ def matmul_variants(
                 arch=arch,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
+                int_args={"M": m, "N": AOT_SHAPE, "K": AOT_SHAPE},
             )
         )
     return variants
@@ -176,6 +177,7 @@ def quantize_variants(arch: str, out: str, cases: list[tuple[int, bool]]) -> lis
                     arch=arch,
                     num_warps=quant.num_warps,
                     num_stages=1,
+                    int_args={"K": k},
                 )
             )
         variants.append(
@@ -192,6 +194,7 @@ def quantize_variants(arch: str, out: str, cases: list[tuple[int, bool]]) -> lis
                 arch=arch,
                 num_warps=quant.num_warps,
                 num_stages=1,
+                int_args={"K": k},
             )
         )
     return variants
