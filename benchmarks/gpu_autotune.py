@@ -19,8 +19,9 @@ import torch
 
 from benchmarks.gpu_kernels import default_out_dir, environment, random_packed, require_cuda
 
-# (K, N) of each weight in one decoder layer: q/k/v/o, gate/up, down (Llama-2-7B)
-SHAPES = {"llama2-7b": [(4096, 4096), (4096, 11008), (11008, 4096)]}
+# (K, N) of each GEMM in one decoder layer as kompakt's GPU targets run it (merge-projections:
+# q/k/v as one, gate/up as one), Llama-2-7B: q/k/v, o, gate/up, down
+SHAPES = {"llama2-7b": [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]}
 MS = (1, 2, 4, 8, 16, 32, 64, 128)
 QUICK_MS = (1, 16)
 
@@ -35,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="M in {1, 16}, fewer repeats")
     parser.add_argument("--shapes", default="llama2-7b", choices=sorted(SHAPES))
     parser.add_argument("--out", default=None, help="where to copy the cache file ($OUT)")
+    parser.add_argument(
+        "--no-cuda-gemv",
+        action="store_true",
+        help="leave the CUDA C GEMV out of the candidates (each config is a ~1 min nvcc build)",
+    )
     return parser.parse_args(argv)
 
 
@@ -44,6 +50,7 @@ def main(argv=None) -> None:
     from kompakt.codegen.autotune import AutotuneCache, cuda_timer
     from kompakt.codegen.dequant_matmul.tuning import (
         cache_key,
+        candidates,
         heuristic,
         launch_choice,
         tune_shape,
@@ -58,7 +65,8 @@ def main(argv=None) -> None:
     for k, n in SHAPES[args.shapes]:
         packed = random_packed(k, n, "cuda")
         for m in QUICK_MS if args.quick else MS:
-            best = tune_shape(cache, m, packed, timer, arch)
+            choices = candidates(m, packed, arch, cuda=not args.no_cuda_gemv)
+            best = tune_shape(cache, m, packed, timer, arch, choices)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             base = timer(lambda x=x, p=packed, m=m: launch_choice(heuristic(m, p, arch), x, p))
             best_s = cache.entries[cache_key(m, packed)]["seconds"]

@@ -25,22 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from kompakt.codegen.autotune import L2_FLUSH_BYTES, cuda_median_seconds
 from kompakt.codegen.dequant_matmul import PackedWeight, cost, dequant_matmul_reference, unpack
 
 DEVICE = "cuda"
 GROUP = 128
 SIZES, QUICK_SIZES = (4096, 8192, 16384), (4096, 16384)
 MS, QUICK_MS = (1, 2, 4, 8, 16, 32, 64, 128), (1, 4, 16, 64)
-FLUSH_BYTES = 256 * 2**20  # 5x the 50 MiB L2 of H100/H200
 COPY_BYTES = 2**30
-SPIN_CYCLES = 200_000  # ~0.1 ms at the ~1.9 GHz SM clock: longer than one Triton launch from Python
 TOLERANCE = {"fp16": 1e-2, "bf16": 5e-2}  # max |y - ref| / max |ref|; bf16 x has 8 mantissa bits
 
 TARGETS = (  # (issue #4's words, threshold, what is compared on which rows, format)
@@ -195,22 +193,9 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def cuda_median_ms(fn, reps: int, flush: torch.Tensor | None, warmup: int = 5) -> float:
-    """Median CUDA-event time of ``fn()`` in ms; L2 flushed and the GPU spun before each call."""
-    for _ in range(warmup):
-        fn()
-    events = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if flush is not None:
-            flush.zero_()
-        if hasattr(torch.cuda, "_sleep"):  # private but long-standing; without it, time is looser
-            torch.cuda._sleep(SPIN_CYCLES)
-        start.record()
-        fn()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
+    """Median CUDA-event time of ``fn()`` in ms; L2 flushed and the GPU spun before each call
+    (the autotuner's own timer, so tuned choices and these tables measure the same thing)."""
+    return 1e3 * cuda_median_seconds(fn, reps, flush, warmup)
 
 
 def copy_bandwidth(reps: int) -> float:
@@ -325,7 +310,7 @@ def main(argv=None) -> None:
     env, notes = environment(), []
     print(f"gpu_kernels on {env['device']}, {env['date']}", flush=True)
     copy_bps = copy_bandwidth(reps)
-    flush = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=DEVICE)
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=DEVICE)
     gemv = None
     if gemv_m:
         try:

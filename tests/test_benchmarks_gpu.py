@@ -166,3 +166,52 @@ def test_hf_decode_timing_runs_on_a_tiny_model():
     ).float()  # fmt: skip
     prompt = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
     assert gpu_decode.hf_decode_tokens_per_s(model, prompt, 5) > 0
+
+
+def _gpu_all(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Runs benchmarks/gpu_all.sh with a stand-in python that claims a GPU and logs each call."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exit 0\necho "$*" >> {calls}\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    environ = os.environ | {"PYTHON": str(stub), "OUT": str(out)} | env
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_all.sh")],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_gpu_all_runs_the_targets_first_each_step_logged(tmp_path):
+    result, calls = _gpu_all(tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    modules = [c.split()[1] for c in calls]
+    assert modules == [
+        "benchmarks.gpu_kernels",
+        "benchmarks.gpu_decode",
+        "pytest",
+        "benchmarks.gpu_autotune",
+    ]
+    assert "--batches 1" in calls[1] and "--no-cuda-gemv" in calls[3]
+    logs = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert logs == ["gpu-autotune.log", "gpu-decode.log", "gpu-kernels.log", "gpu-tests.log"]
+
+
+def test_gpu_all_skips_steps_past_its_deadline_and_takes_chosen_steps(tmp_path):
+    result, calls = _gpu_all(tmp_path, DEADLINE="30")
+    assert result.returncode == 1 and calls == []
+    assert "kernels skipped: 30 s left" in result.stdout
+    result, calls = _gpu_all(tmp_path, STEPS="tests bogus")
+    assert [c.split()[1] for c in calls] == ["pytest"]
+    assert result.returncode == 2 and "unknown step 'bogus'" in result.stdout
+
+
+def test_gpu_all_without_a_gpu_exits_2(tmp_path):
+    env = os.environ | {"OUT": str(tmp_path), "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    script = str(ROOT / "benchmarks" / "gpu_all.sh")
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no CUDA GPU visible" in result.stderr

@@ -135,6 +135,36 @@ def test_capture_leaves_the_model_as_it_was():
         torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, before)
 
 
+def test_capture_traces_with_examples_where_the_model_is(monkeypatch):
+    """A model on a GPU is traced with example ids, positions and caches on the GPU (on CPU
+    examples the trace's eager call fails with a device mismatch). Without a GPU: a model on the
+    meta device, and the tracer stubbed to report where its examples are."""
+    import kompakt.lowering.from_torch as from_torch
+
+    seen = {}
+
+    def record(module, feeds, **kwargs):
+        seen.update({name: t.device.type for name, t in feeds.items()})
+        raise CaptureError("stop here")
+
+    monkeypatch.setattr(from_torch, "capture_module", record)
+    with torch.device("meta"):
+        model = tiny_models.make("llama")
+    with pytest.raises(CaptureError, match="stop here"):
+        capture_with_cache(model, batch=1, max_length=MAX_LENGTH)
+    assert seen and set(seen.values()) == {"meta"}, seen
+
+
+@pytest.mark.gpu
+def test_compile_of_a_cuda_model_with_kv_cache_generates_like_hugging_face():
+    model = tiny_models.make("llama").cuda()
+    prompt = tokens((1, 5)).cuda()
+    cm = kompakt.compile(model, (prompt,), target="cpu", kv_cache=24, progress=False)
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert torch.equal(cm.generate(prompt, max_new_tokens=6).to(want.device), want)
+
+
 def test_cache_spec_of_a_graph_without_cache_is_none():
     assert cache_spec_of(tiny_models.linear_model(torch.ones(4, 4))) is None
 

@@ -266,13 +266,14 @@ def capture_with_cache(
     # would widen one anyway); 3 keeps the trace small. S_max itself stays fixed.
     sequence = min(max_length, 3)
     dtype = wrapper.dtype
+    device = _device_of(model)  # the trace runs the model once: examples live where it does
     feeds: dict[str, torch.Tensor] = {
-        INPUT_IDS: torch.zeros((batch, sequence), dtype=torch.int64),
-        CACHE_POSITION: torch.arange(sequence, dtype=torch.int64),
+        INPUT_IDS: torch.zeros((batch, sequence), dtype=torch.int64, device=device),
+        CACHE_POSITION: torch.arange(sequence, dtype=torch.int64, device=device),
     }
     past = [past_name(i, k) for i in range(wrapper.num_layers) for k in KINDS]
     for name in past:
-        feeds[name] = torch.zeros(wrapper.cache_shape(batch), dtype=dtype)
+        feeds[name] = torch.zeros(wrapper.cache_shape(batch), dtype=dtype, device=device)
     batch_dim = {0: "batch"} if dynamic_batch else None
     dynamic = {
         INPUT_IDS: {0: "batch", 1: "sequence"} if dynamic_batch else {1: "sequence"},
@@ -288,6 +289,12 @@ def capture_with_cache(
         names = [v.name for v in (*graph.graph.inputs, *graph.graph.outputs)]
         raise CaptureError(f"the captured graph lost its cache inputs/outputs; it has {names}")
     return graph, spec
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def cache_spec_of(model: ir.Model) -> CacheSpec | None:

@@ -72,7 +72,7 @@ def generate(
     where = {name: i for i, name in enumerate(spec.output_names)}
     logits_at = where[spec.logits]
     present_at = [where[name] for name in spec.present]
-    caches = spec.empty_caches(batch)
+    caches = spec.empty_caches(batch, device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     eos_tensor = torch.tensor(eos, dtype=torch.int64, device=device)
 
