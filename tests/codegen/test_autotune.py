@@ -97,6 +97,14 @@ def test_candidates_include_the_heuristic_and_are_all_valid():
     want = dequant_matmul_reference(x, weight)
     for option in options[:3]:
         torch.testing.assert_close(launch_choice(option, x, weight), want)
+    # the alternatives a GPU decides between: the split-K sum in a second kernel, and the
+    # register GEMV tile beside the heuristic's 16-row tensor-core one (M = 3)
+    base = heuristic(3, weight)
+    assert base["split_k"] > 1 and base["serial_reduce"] and base["block_m"] == 16
+    alternatives = [o for o in options if not o["serial_reduce"] or o["block_m"] != 16]
+    assert {(o["serial_reduce"], o["block_m"]) for o in alternatives} == {(False, 16), (True, 4)}
+    for option in alternatives:
+        torch.testing.assert_close(launch_choice(option, x, weight), want)
     with_cuda = candidates(3, weight, cuda=True)
     assert with_cuda[-1]["family"] == "cuda_gemv"
     assert candidates(3, weight, cuda=True, epilogue=True)[-1]["family"] == "triton"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,6 +110,51 @@ def test_every_regime_matches_reference(config):
     assert y.shape == (2, 3, 40)
 
 
+@pytest.mark.parametrize("m", [1, 5, 20])
+def test_split_k_in_one_launch_equals_the_two_kernel_reduction(m, monkeypatch):
+    """Serial split-K (the last split of a tile reduces) sums the same partials in the same order
+    as the reduce kernel: equal bit for bit, with no second launch, and the tile counters are
+    back at zero after every launch (a CUDA graph replays the same buffer)."""
+    q, scale, zero = _quantized(128, 72, 32, 4, seed=m)
+    packed = pack(q, scale, zero, 4, 32, torch.float16)
+    x = torch.randn(m, 128).half()
+    r = torch.randn(m, 72).half()
+    serial = Config("gemv" if m < 16 else "splitk", min(16, 1 << (m - 1).bit_length()), 32, 32,
+                    split_k=4, num_stages=2)  # fmt: skip
+    launched = []
+    real = kernel._reduce_kernel
+    monkeypatch.setattr(kernel, "_reduce_kernel", _Spy(real, launched))
+    one = kernel.launch_dequant_matmul(x, packed, None, "silu", r, serial)
+    again = kernel.launch_dequant_matmul(x, packed, None, "silu", r, serial)
+    assert launched == []  # reduced inside the main kernel
+    counters = kernel.tile_counters(x.device, 1)
+    assert int(counters.abs().sum()) == 0
+    two = kernel.launch_dequant_matmul(
+        x, packed, None, "silu", r, dataclasses.replace(serial, serial_reduce=False)
+    )
+    assert len(launched) == 1
+    assert torch.equal(one, two) and torch.equal(one, again)
+    want = dequant_matmul_reference(x, packed, None, "silu", r)
+    torch.testing.assert_close(one.float(), want.float(), rtol=2e-2, atol=0.2)
+
+
+class _Spy:
+    """Stands in for a @triton.jit kernel: records each launch, then launches the real one."""
+
+    def __init__(self, real, launched: list) -> None:
+        self.real, self.launched = real, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.real[grid]
+
+
+def test_tile_counters_are_shared_and_bounded():
+    device = torch.device("cpu")
+    assert kernel.tile_counters(device, 10) is kernel.tile_counters(device, 20)
+    assert kernel.tile_counters(device, kernel.MAX_COUNTED_TILES + 1) is None
+
+
 def test_kernel_errors_name_the_argument():
     q, scale, zero = _quantized(32, 8, 16, 4)
     packed = pack(q, scale, zero, 4, 16, torch.float32)
@@ -151,3 +198,8 @@ def test_aot_compiles_every_regime_with_tensor_cores(arch):
         # Every regime reads the packed weight (and x) in 16-byte vectors at these sizes: what
         # the GEMV's share of copy bandwidth depends on.
         assert b.widest_load_bits == 128, b.summary()
+        if b.variant.constants["SERIAL_REDUCE"]:  # split-K reduced by the last split
+            atom = b.ptx.index("atom.global.gpu.acq_rel.add")  # releases the partials
+            assert "bar.sync" in b.ptx[:atom]  # after every thread has stored its share
+            assert "ld.global.cg" in b.ptx[atom:]  # partials read past L1
+            assert "atom.global.gpu.relaxed.exch" in b.ptx[atom:]  # counter re-armed

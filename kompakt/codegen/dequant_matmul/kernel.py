@@ -10,8 +10,10 @@ One kernel source covers the three regimes; `spec.choose_config` picks the const
   leave SMs idle.
 - GEMM (M > 128): tensor-core tiles, no split.
 
-With ``SPLIT_K > 1`` every split writes fp32 partial sums to a workspace and `_reduce_kernel`
-adds them and applies the epilogue; otherwise the epilogue runs in the main kernel.
+With ``SPLIT_K > 1`` every split writes fp32 partial sums to a workspace; the split that
+finishes a tile last adds them in split order and applies the epilogue (`_reduce_if_last`, one
+launch), or with ``serial_reduce=False`` `_reduce_kernel` does in a second launch. Otherwise the
+epilogue runs in the main kernel.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def dequant_matmul_kernel(
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr = False,
-    EVEN_K: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, counter_ptr=None, SERIAL_REDUCE: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -139,6 +141,36 @@ def dequant_matmul_kernel(
     else:
         offs = pid_k * M * N + rm[:, None] * N + rn[None, :]
         tl.store(partial_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
+        if SERIAL_REDUCE:
+            _reduce_if_last(
+                partial_ptr, counter_ptr, pid_m * tl.num_programs(0) + pid_n, rm, rn, M, N,
+                scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
+                PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, SPLIT_K, BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+
+
+@triton.jit
+def _reduce_if_last(
+    partial_ptr, counter_ptr, tile, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr,
+    stride_rm, stride_om, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Split-K without a second launch: the split that finishes a tile last sums every split's
+    partials (in split order: deterministic) and runs the epilogue, then re-arms the tile's
+    counter for the next launch. The barrier orders all threads' partial stores before the
+    release; the partials are read past L1 (``.cg``), which may hold an earlier call's lines."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(SPLIT_K):
+            offs = s * M * N + rm[:, None] * N + rn[None, :]
+            acc += tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
+                  stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
+        tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -158,6 +190,26 @@ def _reduce_kernel(
         )
     _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
               stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
+
+
+MAX_COUNTED_TILES = 1 << 16
+"""Output tiles one split-K launch may count (256 KiB of int32 per device and stream); a launch
+with more tiles reduces in a second kernel instead."""
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The zeroed int32 counters split-K launches on ``device``'s current stream share, or None
+    when ``tiles`` exceeds them. Each launch leaves its counters at zero again, so one buffer,
+    allocated once and never replaced (a CUDA graph keeps its address), serves every launch that
+    runs in stream order; a stream of its own gets its own buffer."""
+    if tiles > MAX_COUNTED_TILES:
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(MAX_COUNTED_TILES, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
 
 
 def launch_dequant_matmul(
@@ -208,6 +260,9 @@ def launch_dequant_matmul(
     )
     dummy = out
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+    counters = None
+    if config.split_k > 1 and config.serial_reduce:
+        counters = tile_counters(x.device, grid[0] * grid[1])
     flags = dict(
         PER_CHANNEL=per_channel,
         HAS_BIAS=bias is not None,
@@ -223,9 +278,10 @@ def launch_dequant_matmul(
         SPLIT_K=config.split_k, USE_DOT=config.use_dot,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         EVEN_K=k % config.block_k == 0,
+        counter_ptr=counters, SERIAL_REDUCE=counters is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    if config.split_k > 1:
+    if config.split_k > 1 and counters is None:
         block_m = min(16, triton.next_power_of_2(m))
         reduce_grid = (triton.cdiv(n, 128), triton.cdiv(m, block_m))
         _reduce_kernel[reduce_grid](

@@ -36,6 +36,8 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    # Split-K: the last split of each tile reduces (one launch), else a second reduce kernel.
+    serial_reduce: bool = True
 
     @property
     def use_dot(self) -> bool:
@@ -122,7 +124,7 @@ def _signature(dtype: str) -> dict[str, str]:
         "x_ptr": ptr, "qw_ptr": "*i32", "scales_ptr": ptr, "zeros_ptr": ptr, "bias_ptr": ptr,
         "residual_ptr": ptr, "out_ptr": ptr, "partial_ptr": "*fp32",
         "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_rm": "i32",
-        "stride_om": "i32",
+        "stride_om": "i32", "counter_ptr": "*i32",
     }  # fmt: skip
 
 
@@ -137,6 +139,7 @@ def aot_variants(arch: str) -> list[Variant]:
             BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=True,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
             USE_DOT=c.use_dot, UPCAST=False, EVEN_K=True,
+            SERIAL_REDUCE=c.split_k > 1 and c.serial_reduce,
         )  # fmt: skip
         # contiguous x, residual and y, as the launcher passes them
         ints = dict(M=m, N=4096, K=4096, stride_xm=4096, stride_rm=4096, stride_om=4096)

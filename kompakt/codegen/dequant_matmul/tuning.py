@@ -37,8 +37,8 @@ def heuristic(m: int, weight: PackedWeight, arch: str = "sm_90") -> dict:
 def candidates(
     m: int, weight: PackedWeight, arch: str = "sm_90", cuda: bool = False, epilogue: bool = False
 ) -> list[dict]:
-    """The heuristic's choice and its neighbours (tile widths, split-K), the other GEMV tile
-    (registers or tensor cores), plus CUDA C for GEMV."""
+    """The heuristic's choice and its neighbours (tile widths, split-K), its split-K sum in a
+    second kernel, the other GEMV tile (registers or tensor cores), plus CUDA C for GEMV."""
     base = choose_config(m, weight.n, weight.k, weight.group_size, weight.bits, arch)
     seen, out = set(), []
     for block_n in (base.block_n // 2, base.block_n, base.block_n * 2):
@@ -48,6 +48,9 @@ def candidates(
             if key not in seen:
                 seen.add(key)
                 out.append({"family": "triton", **dataclasses.asdict(config)})
+    if base.split_k > 1:  # the split-K sum in a second kernel rather than by the last split
+        other = dataclasses.replace(base, serial_reduce=False)
+        out.append({"family": "triton", **dataclasses.asdict(other)})
     if base.regime == "gemv" and m <= 8:  # the other GEMV tile: registers vs tensor cores
         rows, block_n, block_k = gemv_tile(m, weight.k, weight.group_size, not base.use_dot)
         other = dataclasses.replace(base, block_m=rows, block_n=block_n, block_k=block_k)
