@@ -185,6 +185,48 @@ def test_decode_matches_reference(case, dtype):
     assert_close(out, attention_reference(q, k, v, False, lengths=lengths), dtype)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["lengths", "mask"])
+def test_decode_in_one_launch_equals_the_combine_kernel(masked, monkeypatch):
+    """The chunk that finishes last combines the partials (no second launch): the same result
+    as the combine kernel, with empty chunks and padded heads (GQA group 2 in a 16-row tile),
+    and the arrival counters back at zero afterwards."""
+    from kompakt.codegen.attention import kernel as attention_kernel
+    from kompakt.codegen.counters import tile_counters
+
+    q, k, v = qkv(2, 4, 2, 1, 50, 16, torch.float32, seed=5)
+    lengths = torch.tensor([1, 37], dtype=torch.int32, device=DEVICE)
+    mask = None
+    if masked:  # hide keys past each length, finfo.min style, instead of passing lengths
+        keys = torch.arange(50, device=DEVICE)
+        mask = torch.where(keys[None, :] < lengths[:, None], 0.0, torch.finfo(torch.float32).min)
+        mask, lengths = mask[:, None, None, :], None
+    combines = []
+    real = attention_kernel.flash_decode_combine_kernel
+    monkeypatch.setattr(attention_kernel, "flash_decode_combine_kernel", _LaunchSpy(real, combines))
+    config = Config(block_n=16, num_splits=4)
+    one = launch_flash_decode(q, k, v, lengths, config=config, mask=mask)
+    assert combines == []
+    assert int(tile_counters(q.device, 1).abs().sum()) == 0
+    two = launch_flash_decode(
+        q, k, v, lengths, config=Config(block_n=16, num_splits=4, one_launch=False), mask=mask
+    )
+    assert len(combines) == 1
+    torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
+    want = attention_reference(q, k, v, False, lengths=torch.tensor([1, 37], device=DEVICE))
+    assert_close(one, want, torch.float32)
+
+
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: records each launch, then launches the real one."""
+
+    def __init__(self, real, launched: list) -> None:
+        self.real, self.launched = real, launched
+
+    def __getitem__(self, grid):
+        self.launched.append(grid)
+        return self.real[grid]
+
+
 def test_decode_default_config_int64_lengths_and_large_group():
     # 32 query heads on one kv head: the head tile grows past 16 rows (BLOCK_H = 32).
     q, k, v = qkv(1, 32, 1, 1, 20, 16, torch.float16, seed=7)
@@ -383,6 +425,10 @@ def test_aot_builds(arch):
         assert b.uses_wgmma if arch == "sm_90" else b.uses_mma and not b.uses_wgmma
     split = [b for b in built if b.variant.kernel.endswith("flash_decode_split_kernel")]
     assert split and all(b.uses_mma for b in split)  # 16-row head tile: mma.sync on both
+    for b in split:  # the last chunk combines: barrier, release/acquire, partials past L1
+        atom = b.ptx.index("atom.global.gpu.acq_rel.add")
+        assert "bar.sync" in b.ptx[:atom] and "ld.global.cg" in b.ptx[atom:]
+        assert "atom.global.gpu.relaxed.exch" in b.ptx[atom:]
     assert sorted(b.variant.constants["MASK"] for b in split) == ["add", "none"]
 
 
@@ -401,6 +447,20 @@ def test_gpu_decode_real_size():
     out = launch_flash_decode(q, k, v, lengths)
     ref = attention_reference(q, k, v, False, lengths=lengths)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+    # the in-launch merge's memory ordering, which the interpreter cannot show: launch after
+    # launch, the same as the combine kernel's merge
+    two = launch_flash_decode(q, k, v, lengths, config=_with(out, one_launch=False))
+    for _ in range(50):
+        torch.testing.assert_close(launch_flash_decode(q, k, v, lengths), two, atol=1e-3, rtol=0)
+
+
+def _with(out, **changes):
+    from dataclasses import replace
+
+    from kompakt.codegen.attention.spec import choose_config
+
+    config = choose_config(3, 32, 8, 1, 8192, 128, out.element_size(), "sm_90")
+    return replace(config, **changes)
 
 
 @pytest.mark.gpu

@@ -150,9 +150,11 @@ class _Spy:
 
 
 def test_tile_counters_are_shared_and_bounded():
+    from kompakt.codegen.counters import MAX_COUNTED_TILES, tile_counters
+
     device = torch.device("cpu")
-    assert kernel.tile_counters(device, 10) is kernel.tile_counters(device, 20)
-    assert kernel.tile_counters(device, kernel.MAX_COUNTED_TILES + 1) is None
+    assert tile_counters(device, 10) is tile_counters(device, 20)
+    assert tile_counters(device, MAX_COUNTED_TILES + 1) is None
 
 
 def test_kernel_errors_name_the_argument():

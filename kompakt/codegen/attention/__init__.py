@@ -13,7 +13,8 @@ fp32 softmax and accumulation (fp32 inputs run their dots as 3xTF32), output in 
 - `launch_flash_decode(q, k_cache, v_cache, lengths, scale=None, config=None, mask=None)`:
   Sq == 1 against a static KV cache of which only the first lengths[b] keys are live (None: all)
   and, optionally, those a mask broadcastable to [B, Hq, 1, Skv] keeps (as prefill's); the key
-  axis is split across programs and the partial softmaxes combined by a second kernel.
+  axis is split across programs and the partial softmaxes combined by the program that finishes
+  last (or, with ``Config(one_launch=False)``, by a second kernel).
 
 `attention_reference` (plain torch) defines the semantics; `.bind` binds the ``attention`` fused
 node of the fuse-attention pass to the prefill kernel, or to decode for one query per sequence.

@@ -19,6 +19,7 @@ from kompakt.codegen.attention.checks import (
     check_mask,
 )
 from kompakt.codegen.attention.spec import Config, choose_config
+from kompakt.codegen.counters import tile_counters
 from kompakt.codegen.devices import tuning_arch
 from kompakt.errors import CodegenError
 
@@ -198,6 +199,8 @@ def flash_decode_split_kernel(
     heads_kv, group, seq_kv, chunk, num_splits,
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    Out=None, stride_ob=0, stride_oh=0, stride_od=0, Counters=None,
+    COMBINE: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (batch * kv head, key chunk): all `group` query heads of that kv head.
 
@@ -205,6 +208,8 @@ def flash_decode_split_kernel(
     K/V tile is read once for the whole group. Writes the unnormalized partial (m, l, acc).
     Without HAS_LENGTHS every key of the cache is a candidate (Lengths is not read). MASK as in
     _attend, indexed [b, h, j] (the query axis is 1): with one, m is in natural units, else base 2.
+    With COMBINE the last chunk of a (batch, kv head) to finish combines every chunk's partials
+    into Out (`_combine_if_last`), and no combine kernel runs.
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -248,6 +253,46 @@ def flash_decode_split_kernel(
     tl.store(Mpart + rows, m_i, mask=head_ok)
     tl.store(Lpart + rows, l_i, mask=head_ok)
     tl.store(AccPart + rows[:, None] * HEAD_D + offs_d[None, :], acc, mask=head_ok[:, None])
+    if COMBINE:
+        _combine_if_last(
+            Mpart, Lpart, AccPart, Out, Counters, pid, b, heads, b * heads_kv * group + heads,
+            head_ok, offs_d, stride_ob, stride_oh, stride_od, num_splits, MASK == "none",
+            HEAD_D, BLOCK_H,
+        )  # fmt: skip
+
+
+@triton.jit
+def _combine_if_last(
+    Mpart, Lpart, AccPart, Out, Counters, pid, b, heads, rows, head_ok, offs_d,
+    stride_ob, stride_oh, stride_od, num_splits, BASE2: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """flash_decode_combine_kernel's sum for the group's heads, run by the chunk that finishes
+    last (its counter, bumped with release/acquire after a CTA barrier, says so); chunks are
+    read in order past L1 (``.cg``), and the counter is re-armed for the next launch."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counters + pid, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        base = rows * num_splits  # the group's heads' first partial (split 0)
+        m_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        for s in range(num_splits):
+            m = tl.load(Mpart + base + s, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+            m_max = tl.maximum(m_max, m)
+        m_sub = tl.where(m_max > float("-inf"), m_max, 0.0)  # as the combine kernel: no NaN
+        total = tl.zeros([BLOCK_H], tl.float32)
+        out = tl.zeros([BLOCK_H, HEAD_D], tl.float32)
+        for s in range(num_splits):
+            m = tl.load(Mpart + base + s, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(Lpart + base + s, mask=head_ok, other=0.0, cache_modifier=".cg")
+            acc_ptrs = AccPart + (base + s)[:, None] * HEAD_D + offs_d[None, :]
+            acc = tl.load(acc_ptrs, mask=head_ok[:, None], other=0.0, cache_modifier=".cg")
+            w = tl.exp2(m - m_sub) if BASE2 else tl.exp(m - m_sub)
+            total += w * l_s
+            out += w[:, None] * acc
+        out = out / tl.where(total > 0.0, total, 1.0)[:, None]
+        o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=head_ok[:, None])
+        tl.atomic_xchg(Counters + pid, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -399,17 +444,21 @@ def launch_flash_decode(
     m_part = torch.empty(rows, dtype=torch.float32, device=q.device)
     l_part = torch.empty(rows, dtype=torch.float32, device=q.device)
     acc_part = torch.empty(rows, head_dim, dtype=torch.float32, device=q.device)
+    counters = tile_counters(q.device, batch * heads_kv) if config.one_launch else None
     flash_decode_split_kernel[(batch * heads_kv, splits)](
         q, k_cache, v_cache, q if lengths is None else lengths, mask, m_part, l_part, acc_part,
         qk_scale, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(), *v_cache.stride(),
         *mask_strides, heads_kv, group, seq_kv, chunk, splits,
         HEAD_D=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
         HAS_LENGTHS=lengths is not None, MASK=mask_kind, DOT_PRECISION=_dot_precision(q.dtype),
+        Out=out, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(3),
+        Counters=counters, COMBINE=counters is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    flash_decode_combine_kernel[(batch * heads_q,)](
-        m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(3),
-        heads_q, splits, HEAD_D=head_dim, BLOCK_S=triton.next_power_of_2(splits),
-        BASE2=mask_kind == "none", num_warps=4,
-    )  # fmt: skip
+    if counters is None:
+        flash_decode_combine_kernel[(batch * heads_q,)](
+            m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(3),
+            heads_q, splits, HEAD_D=head_dim, BLOCK_S=triton.next_power_of_2(splits),
+            BASE2=mask_kind == "none", num_warps=4,
+        )  # fmt: skip
     return out

@@ -34,6 +34,8 @@ class Config:
         num_warps: Warps per program.
         num_stages: Software-pipelining depth of the K/V loads.
         num_splits: Decode only: key chunks per sequence, each its own program (flash-decoding).
+        one_launch: Decode only: the chunk that finishes last combines the chunks' partials
+            (one launch); off, a second kernel combines them.
     """
 
     block_m: int = 64
@@ -41,6 +43,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int = 1
+    one_launch: bool = True
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -175,6 +178,8 @@ def decode_split_signature(dtype: str, mask: str | None = None) -> dict[str, str
     sig.update(_strides("m", "bhn"))
     sig.update({"heads_kv": "i32", "group": "i32", "seq_kv": "i32", "chunk": "i32"})
     sig["num_splits"] = "i32"
+    # the in-kernel combine (Config.one_launch): where it writes, and the arrival counters
+    sig.update({"Out": f"*{dtype}", **_strides("o", "bhd"), "Counters": "*i32"})
     return sig
 
 
@@ -249,7 +254,7 @@ def _decode_ints(
     split |= {"heads_kv": heads_kv, "group": heads_q // heads_kv, "seq_kv": seq_kv}
     split |= {"chunk": chunk, "num_splits": splits}
     combine = {"stride_ob": heads_q * head_dim, "stride_oh": head_dim}
-    return split, combine | {"heads_q": heads_q, "num_splits": splits}
+    return split | combine, combine | {"heads_q": heads_q, "num_splits": splits}
 
 
 def aot_variants(arch: str) -> list[Variant]:
@@ -267,7 +272,7 @@ def aot_variants(arch: str) -> list[Variant]:
     for mask in (None, "fp16"):
         sig = decode_split_signature("fp16", mask)
         consts = {"HEAD_D": 128, "BLOCK_H": 16, "BLOCK_N": decode.block_n}
-        consts.update(HAS_LENGTHS=mask is None, DOT_PRECISION="tf32")
+        consts.update(HAS_LENGTHS=mask is None, DOT_PRECISION="tf32", COMBINE=decode.one_launch)
         consts["MASK"] = "none" if mask is None else "add"
         consts.update(_unit_inner_strides(sig))
         if mask is not None:

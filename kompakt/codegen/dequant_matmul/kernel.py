@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kompakt.codegen.counters import tile_counters
 from kompakt.codegen.dequant_matmul.layout import PackedWeight
 from kompakt.codegen.dequant_matmul.reference import ACTIVATIONS
 from kompakt.codegen.dequant_matmul.spec import Config, choose_config
@@ -190,26 +191,6 @@ def _reduce_kernel(
         )
     _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
               stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
-
-
-MAX_COUNTED_TILES = 1 << 16
-"""Output tiles one split-K launch may count (256 KiB of int32 per device and stream); a launch
-with more tiles reduces in a second kernel instead."""
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-
-
-def tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The zeroed int32 counters split-K launches on ``device``'s current stream share, or None
-    when ``tiles`` exceeds them. Each launch leaves its counters at zero again, so one buffer,
-    allocated once and never replaced (a CUDA graph keeps its address), serves every launch that
-    runs in stream order; a stream of its own gets its own buffer."""
-    if tiles > MAX_COUNTED_TILES:
-        return None
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(MAX_COUNTED_TILES, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 def launch_dequant_matmul(
