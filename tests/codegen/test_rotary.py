@@ -85,6 +85,53 @@ def test_pair_rotates_q_and_k_in_one_launch(dtype, shape, config):
     assert got_k.shape == k.shape and got_k.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("config", [None, SMALL], ids=["default", "small"])
+def test_append_writes_k_and_v_into_the_caches_at_their_positions(dtype, shape, config):
+    """launch_rotary_append: q rotated as launch_rotary does; rotated k and plain v land in the
+    caches at the positions' rows (a negative one counted from the end, an out-of-range one not
+    written) and nowhere else; k and v are read in place from a [B, S, H, D] projection."""
+    batch, heads, seq, head_dim, rotary_dim, cos_batch = shape
+    heads2, slots = max(1, heads // 2), seq + 4
+    q = _x((batch, heads, seq, head_dim), dtype, seed=1)
+    projected = _x((batch, seq, 2 * heads2, head_dim), dtype, seed=2)  # k and v heads, one row
+    k, v = projected.transpose(1, 2).split(heads2, dim=1)
+    cos, sin = _tables(cos_batch, seq, rotary_dim, dtype)
+    positions = torch.arange(seq, device=DEVICE) + 2
+    positions[0] = -1  # the last slot
+    if seq > 2:
+        positions[-1] = slots + 5  # out of range: skipped
+    k_cache = _x((batch, heads2, slots, head_dim), dtype, seed=3)
+    v_cache = _x((batch, heads2, slots, head_dim), dtype, seed=4)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    rotated = rotary_reference(k, cos, sin)
+    for i, p in enumerate(positions.tolist()):
+        if -slots <= p < slots:
+            want_k[:, :, p], want_v[:, :, p] = rotated[:, :, i], v[:, :, i]
+    got_q = kernel.launch_rotary_append(q, k, v, cos, sin, positions, k_cache, v_cache, config)
+    torch.testing.assert_close(got_q, rotary_reference(q, cos, sin), **TOLERANCE[dtype])
+    torch.testing.assert_close(k_cache, want_k, **TOLERANCE[dtype])
+    assert torch.equal(v_cache, want_v)
+
+
+def test_append_rejects_caches_and_positions_that_do_not_fit():
+    q, k = _x((1, 4, 3, 16), torch.float32), _x((1, 2, 3, 16), torch.float32)
+    cos, sin = _tables(1, 3, 16, torch.float32)
+    cache = _x((1, 2, 8, 16), torch.float32)
+    positions = torch.arange(3, device=DEVICE)
+    with pytest.raises(CodegenError, match=r"k_cache \[1, 2, 8, 16\] and v_cache \[1, 3, 8, 16\]"):
+        kernel.launch_rotary_append(
+            q, k, k, cos, sin, positions, cache, _x((1, 3, 8, 16), torch.float32)
+        )
+    with pytest.raises(CodegenError, match=r"positions must be \[3\] integers"):
+        kernel.launch_rotary_append(q, k, k, cos, sin, positions[:2], cache, cache.clone())
+    with pytest.raises(CodegenError, match="positions must be int32/int64"):
+        kernel.launch_rotary_append(q, k, k, cos, sin, positions.float(), cache, cache.clone())
+    with pytest.raises(CodegenError, match="v must be a 4-D torch.float32"):
+        kernel.launch_rotary_append(q, k, k.half(), cos, sin, positions, cache, cache.clone())
+
+
 def test_pair_rejects_a_second_tensor_of_another_shape_or_dtype():
     q = _x((1, 4, 5, 16), torch.float32)
     cos, sin = _tables(1, 5, 16, torch.float32)

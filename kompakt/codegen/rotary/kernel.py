@@ -37,6 +37,12 @@ def rotary_kernel(
     x2_ptr, out2_ptr, H2, stride_x2b, stride_x2h, stride_x2s, GROUPS,  # PAIR: the second tensor
     BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     HEADS: tl.constexpr, HAS_PASS: tl.constexpr, PAIR: tl.constexpr,
+    # APPEND (with PAIR): x2's rotated rows go into a [B, H2, N, D] cache (out2, strides o2) at
+    # row pos[s], and v's rows are copied into another (vout) at the same rows
+    pos_ptr=None, N=0, stride_o2b=0, stride_o2h=0, stride_o2n=0,
+    v_ptr=None, vout_ptr=None, stride_vb=0, stride_vh=0, stride_vs=0,
+    stride_vob=0, stride_voh=0, stride_von=0, GROUPS2=0,
+    APPEND: tl.constexpr = False, BLOCK_D: tl.constexpr = 16,
 ):  # fmt: skip
     # Batch and position blocks share grid axis 0 (axis 1 and 2 stop at 65535 programs).
     pid = tl.program_id(0)
@@ -44,6 +50,20 @@ def rotary_kernel(
     s = (pid % S_BLOCKS) * BLOCK_S + tl.arange(0, BLOCK_S)
     j = tl.arange(0, BLOCK_HALF)
     mask = (s < S)[:, None] & (j < HALF)[None, :]
+    group = tl.program_id(1)
+    if APPEND:
+        # ScatterND's rows: negative positions count from the end; out-of-range rows are not
+        # written (the caller's positions are checked where they are made)
+        row = tl.load(pos_ptr + s, mask=s < S, other=-1).to(tl.int64)
+        row = tl.where(row < 0, row + N, row)
+        row_ok = (s < S) & (row >= 0) & (row < N)
+        if group >= GROUPS + GROUPS2:  # v's head groups follow k's: copied, no tables
+            _copy_heads(
+                v_ptr, vout_ptr, H2, D, b, s, row, row_ok, stride_vb, stride_vh, stride_vs,
+                stride_vob, stride_voh, stride_von, (group - GROUPS - GROUPS2) * HEADS,
+                HEADS, BLOCK_D,
+            )  # fmt: skip
+            return
     c_off = b * stride_cb + s[:, None] * stride_cs
     s_off = b * stride_sb + s[:, None] * stride_ss
     cos1 = tl.load(cos_ptr + c_off + j[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -52,47 +72,78 @@ def rotary_kernel(
     sin2 = tl.load(sin_ptr + s_off + (j + HALF)[None, :], mask=mask, other=0.0)
     cos2 = cos2.to(tl.float32)
     sin2 = sin2.to(tl.float32)
-    group = tl.program_id(1)
     if PAIR and group >= GROUPS:  # the second tensor's head groups follow the first's
-        _rotate_heads(
-            x2_ptr, out2_ptr, H2, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
-            stride_x2b, stride_x2h, stride_x2s, (group - GROUPS) * HEADS,
-            BLOCK_PASS, HEADS, HAS_PASS,
-        )  # fmt: skip
+        h_start = (group - GROUPS) * HEADS
+        if APPEND:  # into the cache, at the rows the positions name
+            o_row = out2_ptr + b * stride_o2b + h_start.to(tl.int64) * stride_o2h
+            o_row += row[:, None] * stride_o2n
+            _rotate_heads(
+                x2_ptr, o_row, stride_o2h, row_ok, H2, S, D, HALF, b, s, j, mask,
+                cos1, cos2, sin1, sin2, stride_x2b, stride_x2h, stride_x2s, h_start,
+                BLOCK_PASS, HEADS, HAS_PASS,
+            )  # fmt: skip
+        else:  # a contiguous [B, H2, S, D]
+            o_row = out2_ptr + ((b * H2 + h_start) * S + s[:, None]) * D
+            _rotate_heads(
+                x2_ptr, o_row, S * D, s < S, H2, S, D, HALF, b, s, j, mask, cos1, cos2, sin1,
+                sin2, stride_x2b, stride_x2h, stride_x2s, h_start, BLOCK_PASS, HEADS, HAS_PASS,
+            )  # fmt: skip
     else:
+        h_start = group * HEADS
+        o_row = out_ptr + ((b * H + h_start) * S + s[:, None]) * D  # a contiguous [B, H, S, D]
         _rotate_heads(
-            x_ptr, out_ptr, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
-            stride_xb, stride_xh, stride_xs, group * HEADS, BLOCK_PASS, HEADS, HAS_PASS,
+            x_ptr, o_row, S * D, s < S, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
+            stride_xb, stride_xh, stride_xs, h_start, BLOCK_PASS, HEADS, HAS_PASS,
         )  # fmt: skip
 
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, out_ptr, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
+    x_ptr, o_row, stride_oh, rows_ok, H, S, D, HALF, b, s, j, mask, cos1, cos2, sin1, sin2,
     stride_xb, stride_xh, stride_xs, h_start,
     BLOCK_PASS: tl.constexpr, HEADS: tl.constexpr, HAS_PASS: tl.constexpr,
 ):  # fmt: skip
-    """Rotates heads [h_start, h_start + HEADS) of x (fewer at the end) into out."""
+    """Rotates heads [h_start, h_start + HEADS) of x (fewer at the end) into the rows o_row
+    points at (one per position, stepping stride_oh per head; rows_ok: which are written)."""
     if HAS_PASS:
         p = 2 * HALF + tl.arange(0, BLOCK_PASS)
         pass_mask = (s < S)[:, None] & (p < D)[None, :]
+        pass_store = rows_ok[:, None] & (p < D)[None, :]
+    store = rows_ok[:, None] & (j < HALF)[None, :]
     # Pointers to this program's first head, stepped one head per iteration.
     x_row = x_ptr + b * stride_xb + h_start.to(tl.int64) * stride_xh
     x_row += s.to(tl.int64)[:, None] * stride_xs  # S x a [B, S, H, D] row stride can pass 2^31
-    o_row = out_ptr + ((b * H + h_start) * S + s[:, None]) * D
     for _ in range(h_start, tl.minimum(h_start + HEADS, H)):  # the last group may be short
         x1 = tl.load(x_row + j[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_row + (j + HALF)[None, :], mask=mask, other=0.0)
         x2 = x2.to(tl.float32)
         out1 = x1 * cos1 - x2 * sin1
         out2 = x2 * cos2 + x1 * sin2
-        tl.store(o_row + j[None, :], out1.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_row + (j + HALF)[None, :], out2.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_row + j[None, :], out1.to(o_row.dtype.element_ty), mask=store)
+        tl.store(o_row + (j + HALF)[None, :], out2.to(o_row.dtype.element_ty), mask=store)
         if HAS_PASS:
             kept = tl.load(x_row + p[None, :], mask=pass_mask)
-            tl.store(o_row + p[None, :], kept, mask=pass_mask)
+            tl.store(o_row + p[None, :], kept, mask=pass_store)
         x_row += stride_xh
-        o_row += S * D
+        o_row += stride_oh
+
+
+@triton.jit
+def _copy_heads(
+    v_ptr, vout_ptr, H, D, b, s, row, rows_ok, stride_vb, stride_vh, stride_vs,
+    stride_vob, stride_voh, stride_von, h_start, HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Copies heads [h_start, h_start + HEADS) of v's positions s into vout's rows ``row``."""
+    d = tl.arange(0, BLOCK_D)
+    v_row = v_ptr + b * stride_vb + h_start.to(tl.int64) * stride_vh
+    v_row += s.to(tl.int64)[:, None] * stride_vs
+    o_row = vout_ptr + b * stride_vob + h_start.to(tl.int64) * stride_voh
+    o_row += row[:, None] * stride_von
+    store = rows_ok[:, None] & (d < D)[None, :]
+    for _ in range(h_start, tl.minimum(h_start + HEADS, H)):
+        tl.store(o_row + d[None, :], tl.load(v_row + d[None, :], mask=store), mask=store)
+        v_row += stride_vh
+        o_row += stride_voh
 
 
 def launch_rotary(
@@ -117,7 +168,55 @@ def launch_rotary_pair(
     return _launch(x, x2, cos, sin, config)
 
 
-def _launch(x, x2, cos, sin, config):
+def launch_rotary_append(
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """`launch_rotary_pair` whose second tensor (k) goes straight into a KV cache, with v beside
+    it, in one launch: ``k_cache[b, h, positions[s]] = rotary(x2)[b, h, s]`` and
+    ``v_cache[b, h, positions[s]] = v[b, h, s]``, written into the given caches [B, H2, N, D]
+    (x2 and v are [B, H2, S, D], any strides but unit features; positions [S] integers on the
+    device, negative ones counting from N as ScatterND's, out-of-range ones not written).
+    Returns rotary(x), a contiguous [B, H, S, D]."""
+    _check_tensor("x2", x2, device=x.device if isinstance(x, torch.Tensor) else None)
+    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, device=x2.device)
+        if t.dim() != 4 or t.dtype != x2.dtype or t.stride(-1) != 1:
+            raise CodegenError(
+                f"rotary: {name} must be a 4-D {x2.dtype} tensor with contiguous features, "
+                f"got {t.dtype} {list(t.shape)} strides {t.stride()}"
+            )
+    batch, heads2, seq, head_dim = x2.shape
+    if tuple(v.shape) != tuple(x2.shape):
+        raise CodegenError(f"rotary: v {list(v.shape)} must be shaped like k {list(x2.shape)}")
+    if k_cache.shape != v_cache.shape or (*k_cache.shape[:2], k_cache.shape[3]) != (
+        batch,
+        heads2,
+        head_dim,
+    ):
+        raise CodegenError(
+            f"rotary: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} must both "
+            f"be [{batch}, {heads2}, N, {head_dim}]"
+        )
+    if not isinstance(positions, torch.Tensor) or positions.shape != (seq,):
+        got = list(positions.shape) if isinstance(positions, torch.Tensor) else positions
+        raise CodegenError(f"rotary: positions must be [{seq}] integers, got {got}")
+    if positions.dtype not in (torch.int32, torch.int64) or positions.device != x2.device:
+        raise CodegenError(
+            f"rotary: positions must be int32/int64 on {x2.device}, got {positions.dtype} on "
+            f"{positions.device}"
+        )
+    return _launch(x, x2, cos, sin, config, (positions, k_cache, v, v_cache))[0]
+
+
+def _launch(x, x2, cos, sin, config, append=None):
     _check_tensor("x", x)
     if x.dim() != 4:
         raise CodegenError(f"rotary: x must be [B, H, S, D], got shape {list(x.shape)}")
@@ -152,7 +251,9 @@ def _launch(x, x2, cos, sin, config):
     x = _unit_feature_stride(x)
     out = torch.empty((batch, heads, seq, head_dim), dtype=x.dtype, device=x.device)
     pair = x2 is not None
-    if pair:
+    if append is not None:
+        positions, out2, v, v_out = append  # x2's rows go into the k cache (out2)
+    elif pair:
         x2 = _unit_feature_stride(x2)
         out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     else:
@@ -161,10 +262,22 @@ def _launch(x, x2, cos, sin, config):
     outputs = (out, out2) if pair else (out,)
     if batch * seq * head_dim == 0 or heads + heads2 == 0:
         return outputs
+    # v's heads, when appended, are a third set of head groups (a copy: cheaper than a rotation)
     config = config or choose_config(batch, heads + heads2, seq, head_dim, rotary_dim)
     s_blocks = triton.cdiv(seq, config.block_s)
     groups = triton.cdiv(heads, config.heads)
-    grid = (batch * s_blocks, groups + triton.cdiv(heads2, config.heads))
+    groups2 = triton.cdiv(heads2, config.heads)
+    extra = {}
+    if append is not None:
+        extra = dict(
+            pos_ptr=positions, N=out2.shape[2],
+            stride_o2b=out2.stride(0), stride_o2h=out2.stride(1), stride_o2n=out2.stride(2),
+            v_ptr=v, vout_ptr=v_out, stride_vb=v.stride(0), stride_vh=v.stride(1),
+            stride_vs=v.stride(2), stride_vob=v_out.stride(0), stride_voh=v_out.stride(1),
+            stride_von=v_out.stride(2), GROUPS2=groups2, APPEND=True,
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
+    grid = (batch * s_blocks, groups + groups2 * (2 if append is not None else 1))
     rotary_kernel[grid](
         x, cos3, sin3, out,
         heads, seq, head_dim, rotary_dim // 2, s_blocks,
@@ -172,7 +285,7 @@ def _launch(x, x2, cos, sin, config):
         _batch_stride(cos3), cos3.stride(1),
         _batch_stride(sin3), sin3.stride(1),
         x2, out2, heads2, x2.stride(0), x2.stride(1), x2.stride(2), groups,
-        **constants(config, head_dim, rotary_dim), PAIR=pair,
+        **constants(config, head_dim, rotary_dim), PAIR=pair, **extra,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return outputs

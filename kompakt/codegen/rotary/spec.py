@@ -105,7 +105,7 @@ def aot_variants(arch: str) -> list[Variant]:
             Variant(
                 KERNEL,
                 signature(dtype),
-                constants={**constants(config, head_dim, rotary_dim), "PAIR": False},
+                constants={**constants(config, head_dim, rotary_dim), **_PLAIN},
                 arch=arch,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
@@ -115,14 +115,29 @@ def aot_variants(arch: str) -> list[Variant]:
     # q and k of a Llama-3-8B-like decode step (32 + 8 heads) in one launch, both read in place
     # from the merged q/k/v projection (32 + 8 + 8 heads a row)
     config = choose_config(1, 40, 1, 128, 128, arch)
-    pair = {**constants(config, 128, 128), "PAIR": True}
+    pair = {**constants(config, 128, 128), **_PLAIN, "PAIR": True}
     ints = _launch_ints(config, 1, 1, 128, 128, (32, 8), 48)
     variants.append(
         Variant(
             KERNEL, signature("fp16"), pair, arch, config.num_warps, config.num_stages, True, ints
         )
     )
+    # ... with k and v appended to 4096-slot static caches (what a fused decode step runs)
+    append = {**pair, "APPEND": True, "BLOCK_D": 128}
+    cache = {"stride_o2b": 8 * 4096 * 128, "stride_o2h": 4096 * 128, "stride_o2n": 128}
+    vout = {"stride_vob": 8 * 4096 * 128, "stride_voh": 4096 * 128, "stride_von": 128}
+    v = {"stride_vb": 48 * 128, "stride_vh": 128, "stride_vs": 48 * 128}  # from the q/k/v row
+    ints = {**ints, "N": 4096, **cache, **vout, **v, "GROUPS2": -(-8 // config.heads)}
+    variants.append(
+        Variant(
+            KERNEL, signature("fp16"), append, arch, config.num_warps, config.num_stages, True,
+            ints,
+        )
+    )  # fmt: skip
     return variants
+
+
+_PLAIN = {"PAIR": False, "APPEND": False, "BLOCK_D": 16}
 
 
 def _launch_ints(
@@ -145,6 +160,9 @@ def _launch_ints(
         "H2": heads[1],
         **{f"stride_x{d}": v for d, v in strides.items()},
         **{f"stride_x2{d}": v for d, v in strides.items()},
+        # no append: the launcher leaves these at their defaults
+        **dict.fromkeys(["N", "stride_o2b", "stride_o2h", "stride_o2n", "GROUPS2"], 0),
+        **{f"stride_v{o}{d}": 0 for o in ("", "o") for d in ("b", "h", "sn"[o == "o"])},
     }  # fmt: skip
 
 
@@ -166,6 +184,8 @@ def signature(dtype: str, table_dtype: str | None = None) -> dict[str, str]:
         "H S D HALF S_BLOCKS stride_xb stride_xh stride_xs stride_cb stride_cs stride_sb stride_ss"
     )
     second = "H2 stride_x2b stride_x2h stride_x2s GROUPS"
+    append = "N stride_o2b stride_o2h stride_o2n"
+    copy = "stride_vb stride_vh stride_vs stride_vob stride_voh stride_von GROUPS2"
     return {
         "x_ptr": act,
         "cos_ptr": table,
@@ -175,6 +195,11 @@ def signature(dtype: str, table_dtype: str | None = None) -> dict[str, str]:
         "x2_ptr": act,
         "out2_ptr": act,
         **dict.fromkeys(second.split(), "i32"),
+        "pos_ptr": "*i64",
+        **dict.fromkeys(append.split(), "i32"),
+        "v_ptr": act,
+        "vout_ptr": act,
+        **dict.fromkeys(copy.split(), "i32"),
     }
 
 
