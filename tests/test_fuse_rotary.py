@@ -342,3 +342,81 @@ def test_llama_sizes_on_gpu(fp16):
     feeds = [t.cuda() for t in _feeds(model, 4, 1000, dtype)]
     tol = 2e-3 if fp16 else 1e-5
     torch.testing.assert_close(triton(*feeds), reference(*feeds), rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def cache_graph(tiny):
+    """A tiny Llama captured with a 16-slot static KV cache (kompakt.lowering.kv_cache)."""
+    from kompakt.lowering.kv_cache import capture_with_cache
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return capture_with_cache(tiny("llama"), batch=1, max_length=16)
+
+
+def _decode_feeds(spec, position, seq=1):
+    g = torch.Generator().manual_seed(position)
+    caches = {n: torch.randn(c.shape, generator=g) for n, c in spec.empty_caches(1).items()}
+    positions = torch.arange(position, position + seq)
+    return {"input_ids": tokens((1, seq)), "cache_position": positions, **caches}
+
+
+def test_a_pair_takes_its_layer_kv_cache_writes_in(cache_graph):
+    """append_kv (the default): each layer's rotary node also writes k and v into the caches:
+    outputs q's rotation and the two updated caches, no ScatterND left, the same numbers as
+    the unfused graph (prefill and decode), and append_kv=false leaves the writes alone."""
+    graph, spec = cache_graph
+    cm = compile_for_gpu(graph, PAIRED)
+    plain = compile_for_gpu(graph, PLAIN)
+    groups = _groups(cm.ir)
+    assert len(groups) == spec.num_layers
+    assert not [n for n in cm.ir.graph if n.op_type == "ScatterND"]
+    assert cm.report().passes[-1].result.stats["kv_appended"] == spec.num_layers
+    for node in groups:
+        roles = list(node.attributes["roles"].as_strings())
+        assert {"x", "x2", "k_cache", "v_cache", "positions", "v"} <= set(roles)
+        outs = list(node.attributes["output_roles"].as_strings())
+        by_role = dict(zip(outs, node.outputs, strict=True))
+        layer = _input(node, "k_cache").name.split(".")[1]
+        assert by_role["k_cache"].name == f"present.{layer}.key"
+        assert by_role["v_cache"].name == f"present.{layer}.value"
+        assert _input(node, "v_cache").name == f"past.{layer}.value"
+    for position, seq in ((0, 5), (7, 1)):
+        feeds = _decode_feeds(spec, position, seq)
+        for got, want in zip(cm._backend.run(feeds), plain._backend.run(feeds), strict=True):
+            assert torch.equal(got, want)
+    kept = compile_for_gpu(graph, PLAIN + ",fuse-rotary{append-kv=false}")
+    assert len([n for n in kept.ir.graph if n.op_type == "ScatterND"]) == 2 * spec.num_layers
+
+
+def test_kv_append_on_triton_writes_the_donated_caches_in_place(cache_graph):
+    """The Triton binder's launch: the graph's values without donating (fed caches untouched),
+    and with donation the updated caches are the fed tensors themselves."""
+    pytest.importorskip("triton")
+    graph, spec = cache_graph
+    cm = compile_for_gpu(graph, PAIRED, backend="triton", device=DEVICE)
+    plain = compile_for_gpu(graph, PLAIN)
+    assert "rotary" in cm._backend.summary() and not cm._backend.fallbacks
+    feeds = {k: v.to(DEVICE) for k, v in _decode_feeds(spec, 9).items()}
+    kept = {k: v.clone() for k, v in feeds.items()}
+    want = plain._backend.run({k: v.cpu() for k, v in feeds.items()})
+    got = cm._backend.run(feeds)
+    assert all(torch.equal(feeds[k], kept[k]) for k in feeds)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.cpu(), w, rtol=1e-5, atol=1e-5)
+    donated = cm._backend.run(feeds, donate=True)
+    where = {name: i for i, name in enumerate(spec.output_names)}
+    for past, present in zip(spec.past, spec.present, strict=True):
+        assert donated[where[present]].data_ptr() == feeds[past].data_ptr()
+        torch.testing.assert_close(feeds[past].cpu(), want[where[present]], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_append_needs_the_v_write_of_the_same_layer(cache_graph):
+    """Without module paths to tell the layers' v writes apart, nothing is taken in."""
+    graph, spec = cache_graph
+    bare = ir.from_proto(ir.to_proto(graph))
+    for node in bare.graph:
+        node.metadata_props.clear()
+    cm = compile_for_gpu(bare, PAIRED)
+    assert len([n for n in cm.ir.graph if n.op_type == "ScatterND"]) == 2 * spec.num_layers
+    assert len(_groups(cm.ir)) == spec.num_layers  # still paired

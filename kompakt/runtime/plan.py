@@ -108,7 +108,7 @@ class ExecutionPlan:
         if problems:
             raise problems[0] if len(problems) == 1 else _many_unsupported(problems)
         donatable = donatable_updates(graph)
-        self.donatable = tuple(sorted(set(donatable.values())))
+        self.donatable = tuple(sorted({name for names in donatable.values() for name in names}))
         """Graph inputs a run with ``donate=True`` may overwrite (the KV caches)."""
 
         self._output_slots = [self._use(slots, v, None) for v in graph.outputs]
@@ -121,9 +121,8 @@ class ExecutionPlan:
         self.host_syncs: list[str] = host.syncs
         """Host reads of data-derived device values left in a steady-state run (see module)."""
         steps, cached = self._split_host_steps(steps, host, slots)
-        in_place = moves_data(scatter_nd_in_place)
         steps = [
-            replace(step, in_place=in_place) if id(step.node) in donatable else step
+            replace(step, in_place=_in_place_kernel(step)) if id(step.node) in donatable else step
             for step in steps
         ]
         keep = set(self._constants) | set(self._output_slots) | cached
@@ -312,6 +311,14 @@ def _on_stand_in(kernel: Kernel) -> Kernel:
     """A Shape or Size kernel given a CPU tensor of its input's shape that holds no data, so
     that its result is made on the CPU whatever device the input is on."""
     return lambda x: kernel(torch.empty((), dtype=torch.bool).expand(x.shape))
+
+
+def _in_place_kernel(step: Step) -> Kernel | None:
+    """What a donating run executes for a node `donatable_updates` found: ScatterND in place, or
+    a fused cache writer's ``in_place`` kernel (None: it runs out of place, as its body does)."""
+    if step.node.op_type == "ScatterND":
+        return moves_data(scatter_nd_in_place)
+    return getattr(step.kernel, "in_place", None)
 
 
 def _many_unsupported(problems: list[UnsupportedOpError]) -> UnsupportedOpError:

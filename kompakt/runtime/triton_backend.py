@@ -109,22 +109,29 @@ class TritonBackend:
     def _guarded(self, node: ir.Node, opset: int, pattern: str, kernel: Kernel) -> Kernel:
         """The kernel, switching for good to the node's body when a call is refused (a dtype or
         shape the family checks only at run time); the summary says so."""
-        state = {"run": kernel}
+        state = {"run": kernel, "in_place": getattr(kernel, "in_place", None)}
 
-        def run(*inputs):
-            try:
-                return state["run"](*inputs)
-            except Exception as err:
-                # a family's run-time check, or Triton itself (a kernel this Triton version or
-                # this GPU cannot compile or fit); anything else is a real error and propagates
-                if not isinstance(err, CodegenError) and not _from_triton(err):
-                    raise
-                self.fallbacks.append(f"{node.name} ({pattern}) at run time: {err}")
-                self.launched[pattern] -= 1
-                self.through_torch[f"FusedKernel[{pattern}]"] += 1
-                state["run"] = self._with_constants(node, build_kernel(node, opset))
-                return state["run"](*inputs)
+        def guard(which: str):
+            def run(*inputs):
+                try:
+                    return state[which](*inputs)
+                except Exception as err:
+                    # a family's run-time check, or Triton itself (a kernel this Triton version
+                    # or this GPU cannot compile or fit); anything else is a real error
+                    if not isinstance(err, CodegenError) and not _from_triton(err):
+                        raise
+                    self.fallbacks.append(f"{node.name} ({pattern}) at run time: {err}")
+                    self.launched[pattern] -= 1
+                    self.through_torch[f"FusedKernel[{pattern}]"] += 1
+                    body = self._with_constants(node, build_kernel(node, opset))
+                    state["run"] = state["in_place"] = body  # the body writes out of place
+                    return body(*inputs)
 
+            return run
+
+        run = guard("run")
+        if state["in_place"] is not None:  # a cache writer's donating variant (runtime.in_place)
+            run.in_place = guard("in_place")
         return run
 
     def _with_constants(self, node: ir.Node, kernel: Kernel) -> Kernel:

@@ -18,7 +18,7 @@ from kompakt.codegen.binding import input_roles
 from kompakt.errors import CodegenError
 
 _DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
-_KNOWN_ROLES = {"x", "x2", "cos", "sin", "bound"}
+_KNOWN_ROLES = {"x", "x2", "cos", "sin", "bound", "k_cache", "v_cache", "positions", "v"}
 
 
 def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
@@ -57,6 +57,8 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
                 f"[1, {seq}, {rotary_dim}] or [{batch} or 1, 1, {seq}, {rotary_dim}], "
                 f"got {_name(table.dtype)}{table.shape if dims is not None else '[?]'}"
             )
+    if "k_cache" in index:
+        return _bind_append(node, index, where)
     rotated = [x] if "x2" not in index else [x, node.inputs[index["x2"]]]
     if len(node.outputs) != len(rotated):
         raise CodegenError(
@@ -90,6 +92,66 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., object]:
         return launch_rotary(inputs[x_at], inputs[cos_at], inputs[sin_at])
 
     return kernel
+
+
+def _bind_append(node: ir.Node, index: dict[str, int], where: str) -> Callable[..., object]:
+    """q/k rotation with k and v written into their caches (fuse-rotary's ``append_kv``): the
+    closure returns (per ``output_roles``) q's rotation and the updated caches, written into
+    copies of the fed caches; its ``in_place`` variant writes into the fed caches themselves."""
+    from kompakt.codegen.rotary.kernel import launch_rotary_append
+
+    for required in ("x2", "v_cache", "positions", "v"):
+        if required not in index:
+            raise CodegenError(f"{where}: a KV-append node needs an input with role '{required}'")
+    perm, v_perm = _perm(node, "cache_perm", where), _perm(node, "v_perm", where)
+    attr = node.attributes.get("output_roles")
+    out_roles = list(attr.as_strings()) if attr is not None else []
+    if sorted(out_roles) != ["k_cache", "v_cache", "x"] or len(node.outputs) != 3:
+        raise CodegenError(f"{where}: output_roles must name x, k_cache and v_cache once each")
+    dtype = node.inputs[index["x"]].dtype
+    for role in ("x2", "v", "k_cache", "v_cache"):
+        value = node.inputs[index[role]]
+        if value.dtype != dtype:
+            raise CodegenError(f"{where}: {role} '{value.name}' is not {_name(dtype)} like x")
+    # [B, H, N, D] views of what ScatterND indexes as [N, B, H, D] (and v as [S, B, H, D])
+    to_bhnd = [perm[1], perm[2], perm[0], perm[3]]
+    v_bhsd = [v_perm[1], v_perm[2], v_perm[0], v_perm[3]]
+    at = {role: index[role] for role in ("x", "x2", "cos", "sin", "k_cache", "v_cache")}
+    at.update(positions=index["positions"], v=index["v"])
+    order = [out_roles.index(role) for role in ("x", "k_cache", "v_cache")]
+
+    def run(inputs: tuple[torch.Tensor, ...], in_place: bool) -> tuple[torch.Tensor, ...]:
+        k_cache, v_cache = inputs[at["k_cache"]], inputs[at["v_cache"]]
+        if not in_place:  # the graph's semantics: the fed caches stay as they were
+            k_cache, v_cache = k_cache.clone(), v_cache.clone()
+        q = launch_rotary_append(
+            inputs[at["x"]], inputs[at["x2"]], inputs[at["v"]].permute(v_bhsd),
+            inputs[at["cos"]], inputs[at["sin"]], inputs[at["positions"]].reshape(-1),
+            k_cache.permute(to_bhnd), v_cache.permute(to_bhnd),
+        )  # fmt: skip
+        results: list[torch.Tensor] = [q, q, q]
+        for slot, value in zip(order, (q, k_cache, v_cache), strict=True):
+            results[slot] = value
+        return tuple(results)
+
+    def kernel(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return run(inputs, in_place=False)
+
+    def in_place(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return run(inputs, in_place=True)
+
+    kernel.in_place = in_place  # type: ignore[attr-defined]  # the plan's donating runs use it
+    return kernel
+
+
+def _perm(node: ir.Node, name: str, where: str) -> list[int]:
+    attr = node.attributes.get(name)
+    perm = [int(i) for i in attr.as_ints()] if attr is not None else None
+    if perm is None or sorted(perm) != [0, 1, 2, 3] or perm[3] != 3:
+        raise CodegenError(
+            f"{where}: {name} must be a permutation of 4 axes keeping features last, got {perm}"
+        )
+    return perm
 
 
 def _table_fits(dims: list | None, batch: object, seq: object, rotary_dim: int) -> bool:

@@ -14,6 +14,7 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.ir.fused import body_of, fuse_nodes
+from kompakt.ir.metadata import module_of
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.match import (
@@ -58,12 +59,26 @@ class FuseRotary(Pass):
     outputs, which the kernel rotates in one launch: roles ``x`` and ``x2``, outputs in that
     order.
 
+    With ``append_kv`` (the default) a pair whose k result is written into a static KV cache,
+    beside v (what a captured ``index_copy`` of kompakt.lowering.kv_cache exports, per cache)::
+
+        present = Transpose(ScatterND(Transpose(past, P), positions, Transpose(k_rot, P)), P^-1)
+
+    takes both cache writes into the node (P moves the sequence axis first and keeps the
+    features last; v's chain has the same P, positions and readers): outputs ``x``'s rotation
+    and the two updated caches (``output_roles``: ``x``, ``k_cache``, ``v_cache``), input roles
+    ``k_cache``, ``v_cache``, ``positions`` ([S, 1]) and ``v``. One launch then rotates q,
+    rotates k into its cache rows and copies v into its own; a run that donates the caches
+    (kompakt.runtime.in_place) has them written in place.
+
     Args:
         pair: Fuse q's and k's rotations into one node (one launch).
+        append_kv: Take a pair's KV-cache writes into that node (needs ``pair``).
     """
 
     name: ClassVar[str] = "fuse-rotary"
     pair: bool = True
+    append_kv: bool = True
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         graph = model.graph
@@ -81,7 +96,7 @@ class FuseRotary(Pass):
             taken.update(id(n) for n in found.nodes)
         order = {id(n): i for i, n in enumerate(graph)}
         units = _pairs(groups, order) if self.pair else [[g] for g in groups]
-        launches = 0
+        launches = appended = 0
         for unit in units:
             # Earlier fusions add paths (a fused node's outputs depend on all its inputs): a pair
             # that one node could hold before may no longer be convex.
@@ -91,9 +106,13 @@ class FuseRotary(Pass):
                     _fuse(model, [group])
                 launches += 2
             else:
-                _fuse(model, unit)
+                append = _cache_writes(unit, graph, position) if self.append_kv else None
+                _fuse(model, unit, append)
                 launches += 1
+                appended += append is not None
         stats = {"fused": len(groups), "kept": len(kept), "launches": launches}
+        if appended:
+            stats["kv_appended"] = appended
         return PassResult(changed=bool(groups), stats=stats, notes=kept)
 
 
@@ -313,16 +332,152 @@ def _can_pair(a: _Group, b: _Group, position: dict[int, int]) -> bool:
     )
 
 
-def _fuse(model: ir.Model, unit: list[_Group]) -> ir.Node:
+def _fuse(model: ir.Model, unit: list[_Group], append: _Append | None = None) -> ir.Node:
     finals = [group.nodes[-1].outputs[0] for group in unit]  # each group's one result
     nodes = [n for group in unit for n in group.nodes]
     attributes = [ir.AttrInt64("rotary_dim", unit[0].rotary_dim)]
+    if append is not None:
+        unit = [append.q, append.k]  # k's result is no output: it goes into its cache
+        finals = [append.q.nodes[-1].outputs[0]]
+        nodes += append.nodes
+        attributes.append(ir.AttrInt64s("cache_perm", append.perm))
+        attributes.append(ir.AttrInt64s("v_perm", append.v_perm))
     node = fuse_nodes(model, nodes, "rotary", attributes)
+    roles = Roles()
+    if append is not None:
+        named = {id(append.k_present): "k_cache", id(append.v_present): "v_cache"}
+        body_outputs = body_of(node).outputs
+        out_roles = [named.get(id(v), "x") for v in body_outputs]
+        node.attributes["output_roles"] = ir.AttrStrings("output_roles", out_roles)
+        roles.merge(append.q.roles)
+        roles.merge(append.k.roles, {"x": "x2"})
+        roles.add(append.k_cache, "k_cache")
+        roles.add(append.v_cache, "v_cache")
+        roles.add(append.positions, "positions")
+        roles.add(append.v, "v")
+        node.attributes["roles"] = roles.attribute(node)
+        return node
     # The fused node's outputs come in graph order; x is the group whose result is output 0.
     outputs = body_of(node).outputs
-    roles = Roles()
     for i, value in enumerate(outputs):
         group = unit[next(j for j, final in enumerate(finals) if final is value)]
         roles.merge(group.roles, {"x": "x2"} if i else None)
     node.attributes["roles"] = roles.attribute(node)
     return node
+
+
+@dataclass
+class _Append:
+    """A pair's KV-cache writes: which group is q and which k, the chain nodes, and the values
+    the fused node reads (caches, positions, v) and writes (the updated caches)."""
+
+    q: _Group
+    k: _Group
+    nodes: list[ir.Node]
+    perm: list[int]
+    v_perm: list[int]
+    k_cache: ir.Value
+    v_cache: ir.Value
+    positions: ir.Value
+    v: ir.Value
+    k_present: ir.Value
+    v_present: ir.Value
+
+
+def _cache_writes(unit: list[_Group], graph: ir.Graph, position: dict[int, int]) -> _Append | None:
+    """The KV-cache writes a q/k pair can take in (see FuseRotary), or None."""
+    if len(unit) != 2:
+        return None
+    for q, k in (unit, unit[::-1]):
+        k_chain = _cache_chain(k.nodes[-1].outputs[0], graph, k.x)
+        if k_chain is None or _cache_chain(q.nodes[-1].outputs[0], graph, q.x) is not None:
+            continue
+        scatter, perm = k_chain["scatter"], k_chain["perm"]
+        # v's write: the other cache write at these positions from the same module (every
+        # layer writes at the same positions; the module path tells the layers apart)
+        module = module_of(scatter)
+        chains = [
+            _scatter_chain(use.node, graph)
+            for use in scatter.inputs[1].uses()
+            if use.node is not scatter and use.idx == 1 and is_op(use.node, "ScatterND")
+            and module and module_of(use.node) == module
+        ]  # fmt: skip
+        chains = [c for c in chains if c is not None and c["perm"] == perm]
+        if len(chains) != 1:
+            return None
+        v_chain = chains[0]
+        v_update = v_chain["scatter"].inputs[2].producer()
+        v_perm = _attr_ints(v_update, "perm") if is_op(v_update, "Transpose") else None
+        v = v_update.inputs[0] if v_update is not None else None
+        if v_perm is None or v_perm[3] != 3 or v is None or not same_shape_as_k(v, v_perm, k.x):
+            return None
+        nodes = k_chain["nodes"] + v_chain["nodes"] + [v_update]
+        if single_consumer(v_update.outputs[0], graph) is not v_chain["scatter"]:
+            return None
+        found = _Append(
+            q, k, nodes, perm, v_perm, k_chain["cache"], v_chain["cache"],
+            scatter.inputs[1], v, k_chain["present"], v_chain["present"],
+        )  # fmt: skip
+        pseudo = _Group(q.nodes + k.nodes + nodes, q.x, 0, q.cos, q.sin)
+        if any(
+            _reaches(pseudo, value, position)
+            for value in (found.k_cache, found.v_cache, found.positions, v)
+        ):
+            return None  # an input computed from the group: the node would feed itself
+        return found
+    return None
+
+
+def _cache_chain(result: ir.Value, graph: ir.Graph, x: ir.Value) -> dict | None:
+    """``Transpose(result, P) -> ScatterND updates`` and the rest of a cache write, when the
+    rotated tensor is read there only."""
+    transpose = single_consumer(result, graph)
+    if not is_op(transpose, "Transpose") or result.is_graph_output():
+        return None
+    perm = _attr_ints(transpose, "perm")
+    scatter = single_consumer(transpose.outputs[0], graph)
+    if perm != [2, 0, 1, 3] or not is_op(scatter, "ScatterND"):
+        return None  # k as [B, H, S, D] moved to [S, B, H, D]: the kernel's row per position
+    if scatter.inputs[2] is not transpose.outputs[0]:
+        return None
+    found = _scatter_chain(scatter, graph)
+    if found is None or found["perm"] != perm:
+        return None
+    found["nodes"].append(transpose)
+    return found
+
+
+def _scatter_chain(scatter: ir.Node, graph: ir.Graph) -> dict | None:
+    """``Transpose(ScatterND(Transpose(cache, P), positions [S, 1], ...), P^-1)`` around one
+    ScatterND, with each inner value read only inside; None if it is not that."""
+    reduction = scatter.attributes.get("reduction")
+    if reduction is not None and reduction.as_string() != "none":
+        return None
+    data, positions = scatter.inputs[0], scatter.inputs[1]
+    into = data.producer() if data is not None else None
+    out = single_consumer(scatter.outputs[0], graph)
+    if not is_op(into, "Transpose") or not is_op(out, "Transpose"):
+        return None
+    perm, back = _attr_ints(into, "perm"), _attr_ints(out, "perm")
+    if perm is None or len(perm) != 4 or perm[3] != 3 or back is None:
+        return None
+    if [perm.index(i) for i in range(4)] != back or single_consumer(data, graph) is not scatter:
+        return None
+    if scatter.outputs[0].is_graph_output():
+        return None
+    pos_shape = positions.shape if positions is not None else None
+    if pos_shape is None or len(pos_shape) != 2 or pos_shape[1] != 1:
+        return None
+    return {
+        "scatter": scatter, "perm": perm, "cache": into.inputs[0], "present": out.outputs[0],
+        "nodes": [into, scatter, out],
+    }  # fmt: skip
+
+
+def same_shape_as_k(v: ir.Value, v_perm: list[int], k: ir.Value) -> bool:
+    """Whether v, moved by ``v_perm`` to [S, B, H, D], is k's [B, H, S, D] in that order."""
+    if v.shape is None or k.shape is None or len(v.shape) != 4 or v.dtype != k.dtype:
+        return False
+    moved = [v.shape[i] for i in v_perm]  # [S, B, H, D]
+    b, h, s, d = k.shape
+    return all(_same_dim(x, y) for x, y in zip(moved, (s, b, h, d), strict=True))
