@@ -25,11 +25,11 @@ def test_a_static_cache_llama_decodes_through_split_k_like_hugging_face(tiny, mo
     calls = {"decode": 0, "prefill": 0}
     decode, prefill = kernel.launch_flash_decode, kernel.launch_flash_prefill
 
-    def spy_decode(q, k_cache, v_cache, lengths, scale=None, config=None, mask=None):
+    def spy_decode(q, k_cache, v_cache, lengths, scale=None, config=None, mask=None, **rest):
         calls["decode"] += 1
         assert q.shape[2] == 1 and k_cache.shape[2] == 64 and lengths is None
         assert mask is not None and config.num_splits > 1
-        return decode(q, k_cache, v_cache, lengths, scale, config, mask)
+        return decode(q, k_cache, v_cache, lengths, scale, config, mask, **rest)
 
     def spy_prefill(*args, **kwargs):
         calls["prefill"] += 1

@@ -227,6 +227,22 @@ class _LaunchSpy:
         return self.real[grid]
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_rows_that_see_no_key_are_nan_when_asked(one_launch):
+    """empty_nan: a sequence whose mask is -inf everywhere gets NaN (an unguarded softmax's
+    answer), in decode (either combine) and prefill; the other rows are unchanged."""
+    q, k, v = qkv(2, 4, 2, 1, 40, 16, torch.float32, seed=3)
+    mask = torch.zeros(2, 1, 1, 40, device=DEVICE)
+    mask[1] = float("-inf")
+    config = Config(block_n=16, num_splits=3, one_launch=one_launch)
+    zero = launch_flash_decode(q, k, v, None, config=config, mask=mask)
+    nan = launch_flash_decode(q, k, v, None, config=config, mask=mask, empty_nan=True)
+    assert torch.all(zero[1] == 0) and torch.isnan(nan[1]).all()
+    assert torch.equal(nan[0], zero[0])
+    prefill = launch_flash_prefill(q, k, v, causal=False, mask=mask, empty_nan=True)
+    assert torch.isnan(prefill[1]).all() and not torch.isnan(prefill[0]).any()
+
+
 def test_decode_default_config_int64_lengths_and_large_group():
     # 32 query heads on one kv head: the head tile grows past 16 rows (BLOCK_H = 32).
     q, k, v = qkv(1, 32, 1, 1, 20, 16, torch.float16, seed=7)

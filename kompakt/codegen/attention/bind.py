@@ -75,20 +75,19 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     def kernel(*inputs: torch.Tensor) -> torch.Tensor:
         mask = None if mask_at is None else inputs[mask_at]
         q, k, v = inputs[q_at], inputs[k_at], inputs[v_at]
+        # The graph's softmax has no NaN guard: a row that sees no key (masked -inf everywhere)
+        # is NaN there, and the kernels write NaN for it (no extra launch).
+        empty_nan = nan_rows and mask is not None and mask.is_floating_point()
         decode = _decode_config(q, k)
         if decode is not None:
             # One query (a decode step over a static cache): split the keys across programs.
             # Causal needs nothing here: the one query is the last position and sees every key.
-            out = launch_flash_decode(q, k, v, None, scale=scale, config=decode, mask=mask)
-        else:
-            out = launch_flash_prefill(q, k, v, causal=causal, scale=scale, mask=mask)
-        if nan_rows and mask is not None and mask.is_floating_point():
-            # The graph's softmax has no NaN guard: a row masked -inf everywhere is NaN there.
-            # (No host sync: masked_fill runs on the device, so CUDA graphs still capture.)
-            while mask.dim() < 4:
-                mask = mask.unsqueeze(0)
-            out = out.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), float("nan"))
-        return out
+            return launch_flash_decode(
+                q, k, v, None, scale=scale, config=decode, mask=mask, empty_nan=empty_nan
+            )
+        return launch_flash_prefill(
+            q, k, v, causal=causal, scale=scale, mask=mask, empty_nan=empty_nan
+        )
 
     return kernel
 

@@ -123,6 +123,7 @@ def flash_prefill_kernel(
     heads_q, group, seq_q, seq_kv,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EMPTY_NAN: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (batch * query head, block of BLOCK_M queries), on a 1-D grid.
 
@@ -177,7 +178,8 @@ def flash_prefill_kernel(
         True, CAUSAL, MASK, HEAD_D, BLOCK_N, DOT_PRECISION,
     )  # fmt: skip
     if MASK != "none":
-        l_i = tl.where(l_i > 0.0, l_i, 1.0)  # a row the mask hid entirely: acc = 0, out = 0
+        # a row the mask hid entirely: acc = 0, out = 0, or NaN as an unguarded softmax gives
+        l_i = tl.where(l_i > 0.0, l_i, float("nan") if EMPTY_NAN else 1.0)
     out = acc / l_i[:, None]
     o_ptrs = (
         Out
@@ -200,7 +202,7 @@ def flash_decode_split_kernel(
     HEAD_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     Out=None, stride_ob=0, stride_oh=0, stride_od=0, Counters=None,
-    COMBINE: tl.constexpr = False,
+    COMBINE: tl.constexpr = False, EMPTY_NAN: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (batch * kv head, key chunk): all `group` query heads of that kv head.
 
@@ -257,7 +259,7 @@ def flash_decode_split_kernel(
         _combine_if_last(
             Mpart, Lpart, AccPart, Out, Counters, pid, b, heads, b * heads_kv * group + heads,
             head_ok, offs_d, stride_ob, stride_oh, stride_od, num_splits, MASK == "none",
-            HEAD_D, BLOCK_H,
+            HEAD_D, BLOCK_H, EMPTY_NAN,
         )  # fmt: skip
 
 
@@ -265,7 +267,7 @@ def flash_decode_split_kernel(
 def _combine_if_last(
     Mpart, Lpart, AccPart, Out, Counters, pid, b, heads, rows, head_ok, offs_d,
     stride_ob, stride_oh, stride_od, num_splits, BASE2: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_H: tl.constexpr, EMPTY_NAN: tl.constexpr,
 ):  # fmt: skip
     """flash_decode_combine_kernel's sum for the group's heads, run by the chunk that finishes
     last (its counter, bumped with release/acquire after a CTA barrier, says so); chunks are
@@ -289,7 +291,7 @@ def _combine_if_last(
             w = tl.exp2(m - m_sub) if BASE2 else tl.exp(m - m_sub)
             total += w * l_s
             out += w[:, None] * acc
-        out = out / tl.where(total > 0.0, total, 1.0)[:, None]
+        out = out / tl.where(total > 0.0, total, float("nan") if EMPTY_NAN else 1.0)[:, None]
         o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=head_ok[:, None])
         tl.atomic_xchg(Counters + pid, 0, sem="relaxed", scope="gpu")
@@ -301,6 +303,7 @@ def flash_decode_combine_kernel(
     stride_ob, stride_oh, stride_od,
     heads_q, num_splits,
     HEAD_D: tl.constexpr, BLOCK_S: tl.constexpr, BASE2: tl.constexpr,
+    EMPTY_NAN: tl.constexpr = False,
 ):  # fmt: skip
     """One program per (batch * query head): out = sum_s w_s acc_s / sum_s w_s l_s,
     w_s = exp2(m_s - max_s m_s) (exp with BASE2 off: the maxima of a masked split are in
@@ -323,7 +326,9 @@ def flash_decode_combine_kernel(
     m_sub = tl.where(m_max > float("-inf"), m_max, 0.0)
     w = tl.exp2(m - m_sub) if BASE2 else tl.exp(m - m_sub)
     total = tl.sum(w * l_s, 0)
-    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(
+        total > 0.0, total, float("nan") if EMPTY_NAN else 1.0
+    )
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_d * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
@@ -352,12 +357,14 @@ def launch_flash_prefill(
     scale: float | None = None,
     mask: torch.Tensor | None = None,
     config: Config | None = None,
+    empty_nan: bool = False,
 ) -> torch.Tensor:
     """Attention of q [B, Hq, Sq, D] over k/v [B, Hkv, Skv, D] -> [B, Hq, Sq, D] in q's dtype,
     stored as [B, Sq, Hq, D] (`out.transpose(1, 2)` is contiguous).
 
     mask: optional, broadcastable to [B, Hq, Sq, Skv]; fp32/fp16 is added to the scaled scores,
-    bool keeps the keys where it is True. A row that sees no key at all gives zeros.
+    bool keeps the keys where it is True. A row that sees no key at all gives zeros, or NaN with
+    ``empty_nan`` (what a softmax without a guard gives: an exported graph's).
     """
     batch, heads_q, seq_q, head_dim, heads_kv, seq_kv = check_inputs(q, k, v, ("k", "v"))
     if causal and seq_q > seq_kv:
@@ -386,7 +393,7 @@ def launch_flash_prefill(
         *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
         heads_q, heads_q // heads_kv, seq_q, seq_kv,
         HEAD_D=head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n, CAUSAL=bool(causal),
-        MASK=mask_kind, DOT_PRECISION=_dot_precision(q.dtype),
+        MASK=mask_kind, DOT_PRECISION=_dot_precision(q.dtype), EMPTY_NAN=bool(empty_nan),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
@@ -400,6 +407,7 @@ def launch_flash_decode(
     scale: float | None = None,
     config: Config | None = None,
     mask: torch.Tensor | None = None,
+    empty_nan: bool = False,
 ) -> torch.Tensor:
     """One query per sequence, q [B, Hq, 1, D], over the live keys of the caches.
 
@@ -407,7 +415,8 @@ def launch_flash_decode(
     first lengths[b] keys (values are clamped to Smax on the device); None keeps all Smax.
     mask: optional, broadcastable to [B, Hq, 1, Smax], as launch_flash_prefill's (added to the
     scaled scores, or bool keeping keys where True); it applies on top of lengths. A sequence
-    that sees no key (length 0, or a mask of -inf everywhere) gets zeros.
+    that sees no key (length 0, or a mask of -inf everywhere) gets zeros (NaN with
+    ``empty_nan``, as launch_flash_prefill).
     """
     batch, heads_q, seq_q, head_dim, heads_kv, seq_kv = check_inputs(
         q, k_cache, v_cache, ("k_cache", "v_cache")
@@ -452,13 +461,13 @@ def launch_flash_decode(
         HEAD_D=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
         HAS_LENGTHS=lengths is not None, MASK=mask_kind, DOT_PRECISION=_dot_precision(q.dtype),
         Out=out, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_od=out.stride(3),
-        Counters=counters, COMBINE=counters is not None,
+        Counters=counters, COMBINE=counters is not None, EMPTY_NAN=bool(empty_nan),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if counters is None:
         flash_decode_combine_kernel[(batch * heads_q,)](
             m_part, l_part, acc_part, out, out.stride(0), out.stride(1), out.stride(3),
             heads_q, splits, HEAD_D=head_dim, BLOCK_S=triton.next_power_of_2(splits),
-            BASE2=mask_kind == "none", num_warps=4,
+            BASE2=mask_kind == "none", EMPTY_NAN=bool(empty_nan), num_warps=4,
         )  # fmt: skip
     return out

@@ -211,6 +211,7 @@ def _prefill_variant(
     # fp32 runs 3xTF32 (see kernel._dot_precision); fp16 ignores the setting.
     consts.update(CAUSAL=mask is None, DOT_PRECISION="tf32x3" if dtype == "fp32" else "tf32")
     consts["MASK"] = "none" if mask is None else "bool" if mask == "i1" else "add"
+    consts["EMPTY_NAN"] = mask is not None  # what fuse-attention binds for an unguarded softmax
     consts.update(_unit_inner_strides(sig))
     if mask is not None:
         consts["stride_mn"] = 1  # a contiguous key axis, as masks are laid out
@@ -273,6 +274,7 @@ def aot_variants(arch: str) -> list[Variant]:
         sig = decode_split_signature("fp16", mask)
         consts = {"HEAD_D": 128, "BLOCK_H": 16, "BLOCK_N": decode.block_n}
         consts.update(HAS_LENGTHS=mask is None, DOT_PRECISION="tf32", COMBINE=decode.one_launch)
+        consts["EMPTY_NAN"] = mask is not None
         consts["MASK"] = "none" if mask is None else "add"
         consts.update(_unit_inner_strides(sig))
         if mask is not None:
@@ -284,6 +286,7 @@ def aot_variants(arch: str) -> list[Variant]:
         sig = decode_combine_signature("fp16")
         consts = {"HEAD_D": 128, "BLOCK_S": 64, **_unit_inner_strides(sig)}  # up to MAX_SPLITS
         consts["BASE2"] = mask is None  # a masked split's maxima are in natural units
+        consts["EMPTY_NAN"] = mask is not None
         kernel = f"{_MODULE}:flash_decode_combine_kernel"
         out.append(Variant(kernel, sig, consts, arch, 4, 1, True, combine))
     return out
