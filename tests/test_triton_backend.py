@@ -257,3 +257,54 @@ def test_decode_replays_one_graph_and_never_copies_a_fed_back_cache(tiny, monkey
     (captured,) = backend._graphs.values()
     outputs = backend.run(dict(captured.inputs))
     assert all(o.data_ptr() != t.data_ptr() for o in outputs for t in captured.inputs.values())
+
+
+def test_a_w4_decode_step_launches_nine_kernels_per_layer(tiny, monkeypatch):
+    """What a decode step costs in launches, counted under the interpreter: per layer two norms,
+    four GEMMs (split-K reduced in the same launch), one rotary that also writes k and v into
+    the caches, one attention (its split merge in the same launch) and one glu; no torch work
+    that grows with the layers (no index_put_, no NaN fix-up, no second reduce)."""
+    import collections
+
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kompakt.lowering.kv_cache import cache_spec_of
+
+    launches = collections.Counter()
+    real = interpreter.InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        launches[self.fn.__name__] += 1
+        return real(self, *args, **kwargs)
+
+    class TorchOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            launches[f"torch:{func.overloadpacket}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny("llama")
+    layers = model.config.num_hidden_layers
+    prompt = tokens((1, 5))
+    cm = kompakt.compile(
+        model, (prompt,), target="a100-w4", backend="triton", device="cpu", kv_cache=16,
+        progress=False,
+    )  # fmt: skip
+    spec = cache_spec_of(cm.ir)
+    feeds = {"input_ids": prompt[:, :1], "cache_position": torch.tensor([5])}
+    feeds.update(spec.empty_caches(1))
+    cm._backend.run(feeds, donate=True)  # the first run of a shape works out its host values
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", counted)
+    with TorchOps():
+        cm._backend.run(feeds, donate=True)
+    per_layer = {
+        "dequant_matmul_kernel": 4, "rotary_kernel": 1, "glu_kernel": 1,
+        "flash_prefill_kernel": 1,  # 16 cache slots: one key chunk, so the prefill kernel
+    }  # fmt: skip
+    for name, count in per_layer.items():
+        assert launches[name] == count * layers, (name, launches)
+    assert launches["norm_kernel"] == 2 * layers + 1  # and the final norm
+    kernels = {k for k in launches if not k.startswith("torch:")}
+    assert kernels == {*per_layer, "norm_kernel"}, kernels
+    for op in ("index_put_", "isneginf", "masked_fill", "scatter"):
+        assert not [k for k in launches if k.startswith(f"torch:aten.{op}")], launches
