@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from _launch_spy import LaunchSpy
 
 pytest.importorskip("triton")
 
@@ -202,7 +203,7 @@ def test_decode_in_one_launch_equals_the_combine_kernel(masked, monkeypatch):
         mask, lengths = mask[:, None, None, :], None
     combines = []
     real = attention_kernel.flash_decode_combine_kernel
-    monkeypatch.setattr(attention_kernel, "flash_decode_combine_kernel", _LaunchSpy(real, combines))
+    monkeypatch.setattr(attention_kernel, "flash_decode_combine_kernel", LaunchSpy(real, combines))
     config = Config(block_n=16, num_splits=4)
     one = launch_flash_decode(q, k, v, lengths, config=config, mask=mask)
     assert combines == []
@@ -214,17 +215,6 @@ def test_decode_in_one_launch_equals_the_combine_kernel(masked, monkeypatch):
     torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
     want = attention_reference(q, k, v, False, lengths=torch.tensor([1, 37], device=DEVICE))
     assert_close(one, want, torch.float32)
-
-
-class _LaunchSpy:
-    """Stands in for a @triton.jit kernel: records each launch, then launches the real one."""
-
-    def __init__(self, real, launched: list) -> None:
-        self.real, self.launched = real, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(grid)
-        return self.real[grid]
 
 
 @pytest.mark.parametrize("one_launch", [True, False])

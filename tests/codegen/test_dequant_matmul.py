@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from _launch_spy import LaunchSpy
 
 from kompakt.codegen.aot import compile_variants
 from kompakt.codegen.dequant_matmul import Config, choose_config, pack, unpack
@@ -123,7 +124,7 @@ def test_split_k_in_one_launch_equals_the_two_kernel_reduction(m, monkeypatch):
                     split_k=4, num_stages=2)  # fmt: skip
     launched = []
     real = kernel._reduce_kernel
-    monkeypatch.setattr(kernel, "_reduce_kernel", _Spy(real, launched))
+    monkeypatch.setattr(kernel, "_reduce_kernel", LaunchSpy(real, launched))
     one = kernel.launch_dequant_matmul(x, packed, None, "silu", r, serial)
     again = kernel.launch_dequant_matmul(x, packed, None, "silu", r, serial)
     assert launched == []  # reduced inside the main kernel
@@ -136,17 +137,6 @@ def test_split_k_in_one_launch_equals_the_two_kernel_reduction(m, monkeypatch):
     assert torch.equal(one, two) and torch.equal(one, again)
     want = dequant_matmul_reference(x, packed, None, "silu", r)
     torch.testing.assert_close(one.float(), want.float(), rtol=2e-2, atol=0.2)
-
-
-class _Spy:
-    """Stands in for a @triton.jit kernel: records each launch, then launches the real one."""
-
-    def __init__(self, real, launched: list) -> None:
-        self.real, self.launched = real, launched
-
-    def __getitem__(self, grid):
-        self.launched.append(grid)
-        return self.real[grid]
 
 
 def test_tile_counters_are_shared_and_bounded():
