@@ -97,6 +97,8 @@ def test_append_writes_k_and_v_into_the_caches_at_their_positions(dtype, shape, 
     q = _x((batch, heads, seq, head_dim), dtype, seed=1)
     projected = _x((batch, seq, 2 * heads2, head_dim), dtype, seed=2)  # k and v heads, one row
     k, v = projected.transpose(1, 2).split(heads2, dim=1)
+    if config is SMALL:  # k with every other feature: copied to unit stride first, as a pair's
+        k = _x((batch, heads2, seq, 2 * head_dim), dtype, seed=5)[..., ::2]
     cos, sin = _tables(cos_batch, seq, rotary_dim, dtype)
     positions = torch.arange(seq, device=DEVICE) + 2
     positions[0] = -1  # the last slot

@@ -253,6 +253,7 @@ def _launch(x, x2, cos, sin, config, append=None):
     pair = x2 is not None
     if append is not None:
         positions, out2, v, v_out = append  # x2's rows go into the k cache (out2)
+        x2 = _unit_feature_stride(x2)
     elif pair:
         x2 = _unit_feature_stride(x2)
         out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
