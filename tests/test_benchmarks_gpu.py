@@ -168,6 +168,22 @@ def test_hf_decode_timing_runs_on_a_tiny_model():
     assert gpu_decode.hf_decode_tokens_per_s(model, prompt, 5) > 0
 
 
+def test_kompakt_decode_rows_run_end_to_end_in_the_interpreter(monkeypatch):
+    """gpu_decode's kompakt rows, as the GPU run takes them (compile for the preset with the
+    triton backend and a static cache, then timed generate calls), on a one-layer model in
+    Triton's interpreter: a row with tokens/s for fp16 and w4, not an error row."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args, **kwargs: None)
+    monkeypatch.setattr(gpu_decode, "PROMPT", 8)
+    model = gpu_decode.llama(
+        1, "cpu", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=100,
+    ).float()  # fmt: skip
+    prompts = {1: torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0))}
+    rows = gpu_decode.kompakt_rows(model, prompts, 3, 1, "h100")
+    assert [r["variant"] for r in rows] == ["kompakt fp16", "kompakt w4"], rows
+    assert all(r.get("tokens_per_s", 0) > 0 for r in rows), rows
+
+
 def _gpu_all(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Runs benchmarks/gpu_all.sh with a stand-in python that claims a GPU and logs each call."""
     calls = tmp_path / "calls"
