@@ -14,14 +14,15 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.ir.fused import body_of, fuse_nodes
-from kompakt.ir.metadata import module_of
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
+from kompakt.passes.fuse.kv_append import CacheWrites, find_cache_writes
 from kompakt.passes.fuse.match import (
     Roles,
     const_tensor,
     is_op,
     other_input,
+    same_dim,
     same_shape,
     single_consumer,
 )
@@ -192,11 +193,11 @@ def _check_tables(xr: ir.Value, cos: ir.Value, sin: ir.Value, out: ir.Value) -> 
     dims = list(cos.shape)  # known: same_shape(cos, sin) holds only for known shapes
     # ONNX broadcasts from the right: a 3-D table's first dim meets x's heads, so only a 1 there
     # means "every batch row" as the kernel reads it; a 4-D table's first dim meets the batch.
-    ok = len(dims) in (2, 3, 4) and dims[-1] == r and _same_dim(dims[-2], s)
+    ok = len(dims) in (2, 3, 4) and dims[-1] == r and same_dim(dims[-2], s)
     if len(dims) == 3:
         ok = ok and dims[0] == 1
     elif len(dims) == 4:
-        ok = ok and dims[1] == 1 and (dims[0] == 1 or _same_dim(dims[0], b))
+        ok = ok and dims[1] == 1 and (dims[0] == 1 or same_dim(dims[0], b))
     if not ok:
         return (
             f"cos/sin {_dims(cos.shape)} are not [S, R], [1, S, R] or [B or 1, 1, S, R] of x "
@@ -255,13 +256,6 @@ def _slice_range(node: ir.Node, dim: int) -> tuple[int, int] | None:
     return start, max(start, stop)
 
 
-def _same_dim(a: object, b: object) -> bool:
-    """Provably equal dims: equal ints, or symbolic dims of one (known) name."""
-    if isinstance(a, int) or isinstance(b, int):
-        return a == b
-    return isinstance(a, ir.SymbolicDim) and a.value is not None and a == b
-
-
 def _dims(shape: ir.Shape | None) -> str:
     return "[?]" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
 
@@ -271,11 +265,6 @@ def _ints(value: ir.Value | None) -> list[int] | None:
     if tensor is None or tensor.dtype not in (_D.INT64, _D.INT32):
         return None
     return [int(v) for v in to_torch(tensor).reshape(-1)]
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(i) for i in attr.as_ints()]
 
 
 def _pairs(groups: list[_Group], position: dict[int, int]) -> list[list[_Group]]:
@@ -326,35 +315,59 @@ def _can_pair(a: _Group, b: _Group, position: dict[int, int]) -> bool:
     xa, xb = list(a.x.shape), list(b.x.shape)
     return (
         a.x.dtype == b.x.dtype
-        and _same_dim(xa[0], xb[0])
-        and _same_dim(xa[2], xb[2])
+        and same_dim(xa[0], xb[0])
+        and same_dim(xa[2], xb[2])
         and xa[3] == xb[3]
     )
+
+
+@dataclass
+class _Append:
+    """A pair's q and k groups, and the cache writes k's group takes in."""
+
+    q: _Group
+    k: _Group
+    writes: CacheWrites
+
+
+def _cache_writes(unit: list[_Group], graph: ir.Graph, position: dict[int, int]) -> _Append | None:
+    """The KV-cache writes a q/k pair can take in (kv_append.py), with which group is k."""
+    if len(unit) != 2:
+        return None
+    for q, k in (unit, unit[::-1]):
+
+        def from_pair(value: ir.Value, nodes: list[ir.Node], q=q, k=k) -> bool:
+            pseudo = _Group(q.nodes + k.nodes + nodes, q.x, 0, q.cos, q.sin)
+            return _reaches(pseudo, value, position)
+
+        q_result, k_result = q.nodes[-1].outputs[0], k.nodes[-1].outputs[0]
+        if find_cache_writes(q_result, q.x, graph, from_pair) is not None:
+            continue  # q's result written to a cache too: not the q/k of one attention
+        writes = find_cache_writes(k_result, k.x, graph, from_pair)
+        if writes is not None:
+            return _Append(q, k, writes)
+    return None
 
 
 def _fuse(model: ir.Model, unit: list[_Group], append: _Append | None = None) -> ir.Node:
     finals = [group.nodes[-1].outputs[0] for group in unit]  # each group's one result
     nodes = [n for group in unit for n in group.nodes]
     attributes = [ir.AttrInt64("rotary_dim", unit[0].rotary_dim)]
-    if append is not None:
-        unit = [append.q, append.k]  # k's result is no output: it goes into its cache
-        finals = [append.q.nodes[-1].outputs[0]]
-        nodes += append.nodes
-        attributes.append(ir.AttrInt64s("cache_perm", append.perm))
-        attributes.append(ir.AttrInt64s("v_perm", append.v_perm))
+    if append is not None:  # k's result is no output: it goes into its cache
+        writes = append.writes
+        nodes += writes.nodes
+        attributes.append(ir.AttrInt64s("cache_perm", writes.perm))
+        attributes.append(ir.AttrInt64s("v_perm", writes.v_perm))
     node = fuse_nodes(model, nodes, "rotary", attributes)
     roles = Roles()
     if append is not None:
-        named = {id(append.k_present): "k_cache", id(append.v_present): "v_cache"}
-        body_outputs = body_of(node).outputs
-        out_roles = [named.get(id(v), "x") for v in body_outputs]
+        named = {id(writes.k_present): "k_cache", id(writes.v_present): "v_cache"}
+        out_roles = [named.get(id(v), "x") for v in body_of(node).outputs]
         node.attributes["output_roles"] = ir.AttrStrings("output_roles", out_roles)
         roles.merge(append.q.roles)
         roles.merge(append.k.roles, {"x": "x2"})
-        roles.add(append.k_cache, "k_cache")
-        roles.add(append.v_cache, "v_cache")
-        roles.add(append.positions, "positions")
-        roles.add(append.v, "v")
+        for value, role in zip(writes.inputs(), CacheWrites.ROLES, strict=True):
+            roles.add(value, role)
         node.attributes["roles"] = roles.attribute(node)
         return node
     # The fused node's outputs come in graph order; x is the group whose result is output 0.
@@ -364,120 +377,3 @@ def _fuse(model: ir.Model, unit: list[_Group], append: _Append | None = None) ->
         roles.merge(group.roles, {"x": "x2"} if i else None)
     node.attributes["roles"] = roles.attribute(node)
     return node
-
-
-@dataclass
-class _Append:
-    """A pair's KV-cache writes: which group is q and which k, the chain nodes, and the values
-    the fused node reads (caches, positions, v) and writes (the updated caches)."""
-
-    q: _Group
-    k: _Group
-    nodes: list[ir.Node]
-    perm: list[int]
-    v_perm: list[int]
-    k_cache: ir.Value
-    v_cache: ir.Value
-    positions: ir.Value
-    v: ir.Value
-    k_present: ir.Value
-    v_present: ir.Value
-
-
-def _cache_writes(unit: list[_Group], graph: ir.Graph, position: dict[int, int]) -> _Append | None:
-    """The KV-cache writes a q/k pair can take in (see FuseRotary), or None."""
-    if len(unit) != 2:
-        return None
-    for q, k in (unit, unit[::-1]):
-        k_chain = _cache_chain(k.nodes[-1].outputs[0], graph, k.x)
-        if k_chain is None or _cache_chain(q.nodes[-1].outputs[0], graph, q.x) is not None:
-            continue
-        scatter, perm = k_chain["scatter"], k_chain["perm"]
-        # v's write: the other cache write at these positions from the same module (every
-        # layer writes at the same positions; the module path tells the layers apart)
-        module = module_of(scatter)
-        chains = [
-            _scatter_chain(use.node, graph)
-            for use in scatter.inputs[1].uses()
-            if use.node is not scatter and use.idx == 1 and is_op(use.node, "ScatterND")
-            and module and module_of(use.node) == module
-        ]  # fmt: skip
-        chains = [c for c in chains if c is not None and c["perm"] == perm]
-        if len(chains) != 1:
-            return None
-        v_chain = chains[0]
-        v_update = v_chain["scatter"].inputs[2].producer()
-        v_perm = _attr_ints(v_update, "perm") if is_op(v_update, "Transpose") else None
-        v = v_update.inputs[0] if v_update is not None else None
-        if v_perm is None or v_perm[3] != 3 or v is None or not same_shape_as_k(v, v_perm, k.x):
-            return None
-        nodes = k_chain["nodes"] + v_chain["nodes"] + [v_update]
-        if single_consumer(v_update.outputs[0], graph) is not v_chain["scatter"]:
-            return None
-        found = _Append(
-            q, k, nodes, perm, v_perm, k_chain["cache"], v_chain["cache"],
-            scatter.inputs[1], v, k_chain["present"], v_chain["present"],
-        )  # fmt: skip
-        pseudo = _Group(q.nodes + k.nodes + nodes, q.x, 0, q.cos, q.sin)
-        if any(
-            _reaches(pseudo, value, position)
-            for value in (found.k_cache, found.v_cache, found.positions, v)
-        ):
-            return None  # an input computed from the group: the node would feed itself
-        return found
-    return None
-
-
-def _cache_chain(result: ir.Value, graph: ir.Graph, x: ir.Value) -> dict | None:
-    """``Transpose(result, P) -> ScatterND updates`` and the rest of a cache write, when the
-    rotated tensor is read there only."""
-    transpose = single_consumer(result, graph)
-    if not is_op(transpose, "Transpose") or result.is_graph_output():
-        return None
-    perm = _attr_ints(transpose, "perm")
-    scatter = single_consumer(transpose.outputs[0], graph)
-    if perm != [2, 0, 1, 3] or not is_op(scatter, "ScatterND"):
-        return None  # k as [B, H, S, D] moved to [S, B, H, D]: the kernel's row per position
-    if scatter.inputs[2] is not transpose.outputs[0]:
-        return None
-    found = _scatter_chain(scatter, graph)
-    if found is None or found["perm"] != perm:
-        return None
-    found["nodes"].append(transpose)
-    return found
-
-
-def _scatter_chain(scatter: ir.Node, graph: ir.Graph) -> dict | None:
-    """``Transpose(ScatterND(Transpose(cache, P), positions [S, 1], ...), P^-1)`` around one
-    ScatterND, with each inner value read only inside; None if it is not that."""
-    reduction = scatter.attributes.get("reduction")
-    if reduction is not None and reduction.as_string() != "none":
-        return None
-    data, positions = scatter.inputs[0], scatter.inputs[1]
-    into = data.producer() if data is not None else None
-    out = single_consumer(scatter.outputs[0], graph)
-    if not is_op(into, "Transpose") or not is_op(out, "Transpose"):
-        return None
-    perm, back = _attr_ints(into, "perm"), _attr_ints(out, "perm")
-    if perm is None or len(perm) != 4 or perm[3] != 3 or back is None:
-        return None
-    if [perm.index(i) for i in range(4)] != back or single_consumer(data, graph) is not scatter:
-        return None
-    if scatter.outputs[0].is_graph_output():
-        return None
-    pos_shape = positions.shape if positions is not None else None
-    if pos_shape is None or len(pos_shape) != 2 or pos_shape[1] != 1:
-        return None
-    return {
-        "scatter": scatter, "perm": perm, "cache": into.inputs[0], "present": out.outputs[0],
-        "nodes": [into, scatter, out],
-    }  # fmt: skip
-
-
-def same_shape_as_k(v: ir.Value, v_perm: list[int], k: ir.Value) -> bool:
-    """Whether v, moved by ``v_perm`` to [S, B, H, D], is k's [B, H, S, D] in that order."""
-    if v.shape is None or k.shape is None or len(v.shape) != 4 or v.dtype != k.dtype:
-        return False
-    moved = [v.shape[i] for i in v_perm]  # [S, B, H, D]
-    b, h, s, d = k.shape
-    return all(_same_dim(x, y) for x, y in zip(moved, (s, b, h, d), strict=True))

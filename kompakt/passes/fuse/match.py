@@ -59,6 +59,19 @@ def same_shape(a: ir.Value, b: ir.Value) -> bool:
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
 
 
+def attr_ints(node: ir.Node | None, name: str) -> list[int] | None:
+    """The node's ints attribute ``name`` as a list, or None (no node, no attribute)."""
+    attr = node.attributes.get(name) if node is not None else None
+    return None if attr is None else [int(i) for i in attr.as_ints()]
+
+
+def same_dim(a: object, b: object) -> bool:
+    """Provably equal dims: equal ints, or symbolic dims of one (known) name."""
+    if isinstance(a, int) or isinstance(b, int):
+        return a == b
+    return isinstance(a, ir.SymbolicDim) and a.value is not None and a == b
+
+
 class Roles(dict):
     """``id(value) -> role`` for a fused group's outside inputs; a value with several roles
     (one constant as a weight and a bias, k and v the same tensor) gets them ``+``-joined, which
