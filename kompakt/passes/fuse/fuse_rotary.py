@@ -66,7 +66,8 @@ class FuseRotary(Pass):
         present = Transpose(ScatterND(Transpose(past, P), positions, Transpose(k_rot, P)), P^-1)
 
     takes both cache writes into the node (P moves the sequence axis first and keeps the
-    features last; v's chain has the same P, positions and readers): outputs ``x``'s rotation
+    features last; v's write has the same P and positions and comes from the same module:
+    kv_append.py): outputs ``x``'s rotation
     and the two updated caches (``output_roles``: ``x``, ``k_cache``, ``v_cache``), input roles
     ``k_cache``, ``v_cache``, ``positions`` ([S, 1]) and ``v``. One launch then rotates q,
     rotates k into its cache rows and copies v into its own; a run that donates the caches
