@@ -53,6 +53,32 @@ def test_fused_model_computes_exactly_what_the_unfused_one_does(captured):
     assert torch.equal(first_output(fused(ids)), plain)
 
 
+def test_merged_gate_up_takes_its_swiglu_into_the_epilogue(captured):
+    """After merge-projections, gate/up is one GEMM whose output is Split and gated: the GEMM
+    node takes the Split and silu(gate) * up (act glu_silu, F columns out), computes exactly
+    what the unfused graph does, and the Triton kernel (columns interleaved by the binder)
+    matches it; glu=false leaves the GLU to fuse-glu."""
+    merged = QUANT + ",merge-projections"
+    cm = _compile(captured, "llama", merged + ",fuse-dequant-matmul")
+    gated = [n for n in _fused(cm.ir) if n.attributes["act"].as_string() == "glu_silu"]
+    assert len(gated) == 2  # one per layer
+    for node in gated:
+        assert [n.op_type for n in body_of(node)][-4:] == ["Split", "Sigmoid", "Mul", "Mul"]
+        assert node.outputs[0].shape[-1] * 2 == node.inputs[0].const_value.shape[1]
+    assert not [n for n in cm.ir.graph if n.op_type == "Sigmoid"]
+    splits = [n.name for n in cm.ir.graph if n.op_type == "Split"]
+    assert len(splits) == 2 and all("q_proj_k_proj_v_proj" in name for name in splits)
+    ids = tokens(EXAMPLE_SHAPE)
+    plain = first_output(_compile(captured, "llama", merged)(ids))
+    assert torch.equal(first_output(cm(ids)), plain)
+    pytest.importorskip("triton")
+    triton = compile_for_gpu(captured("llama"), merged + ",fuse-dequant-matmul", backend="triton")
+    assert "fell back" not in triton._backend.summary()
+    torch.testing.assert_close(first_output(triton(ids)).cpu(), plain, rtol=1e-4, atol=1e-4)
+    kept = _compile(captured, "llama", merged + ",fuse-dequant-matmul{glu=false}")
+    assert not [n for n in _fused(kept.ir) if n.attributes["act"].as_string() == "glu_silu"]
+
+
 @pytest.mark.parametrize("name, act", [("bert", "gelu"), ("opt", "relu")])
 def test_bias_and_activation_epilogues(captured, name, act):
     cm = _compile(captured, name, QUANT + ",fuse-dequant-matmul")

@@ -15,7 +15,10 @@ from kompakt.ir.fused import is_fused, pattern_of
 
 PLAIN = "canonicalize,infer-shapes"
 GLU = PLAIN + ",fuse-glu"
-MERGED = PLAIN + ",quantize-weights{bits=4,group-size=16},merge-projections,fuse-dequant-matmul"
+MERGED = (
+    PLAIN
+    + ",quantize-weights{bits=4,group-size=16},merge-projections,fuse-dequant-matmul{glu=false}"
+)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

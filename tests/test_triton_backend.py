@@ -97,10 +97,11 @@ def test_gpu_target_default_pipeline_end_to_end(tiny):
         "merge-projections,fuse-dequant-matmul,fuse-norm,fuse-rotary,fuse-attention,fuse-glu,fuse-elementwise"
     )
     summary = triton._backend.summary()
-    # per layer: q/k/v as one GEMM, o, gate/up as one, down; q and k rotated in one launch;
-    # silu(gate) * up one glu kernel
-    for family in ("attention x2", "dequant_matmul x8", "norm x5", "rotary x2", "glu x2"):
+    # per layer: q/k/v as one GEMM, o, gate/up as one with silu(gate) * up in its epilogue,
+    # down; q and k rotated in one launch
+    for family in ("attention x2", "dequant_matmul x8", "norm x5", "rotary x2"):
         assert family in summary
+    assert "glu x" not in summary
     assert "fell back" not in summary and "Sigmoid" not in summary
     got, want = first_output(triton(ids)), first_output(reference(ids))
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
@@ -259,11 +260,12 @@ def test_decode_replays_one_graph_and_never_copies_a_fed_back_cache(tiny, monkey
     assert all(o.data_ptr() != t.data_ptr() for o in outputs for t in captured.inputs.values())
 
 
-def test_a_w4_decode_step_launches_nine_kernels_per_layer(tiny, monkeypatch):
+def test_a_w4_decode_step_launches_eight_kernels_per_layer(tiny, monkeypatch):
     """What a decode step costs in launches, counted under the interpreter: per layer two norms,
-    four GEMMs (split-K reduced in the same launch), one rotary that also writes k and v into
-    the caches, one attention (its split merge in the same launch) and one glu; no torch work
-    that grows with the layers (no index_put_, no NaN fix-up, no second reduce)."""
+    four GEMMs (split-K reduced in the same launch; the gate/up GEMM applies SwiGLU in its
+    epilogue), one rotary that also writes k and v into the caches and one attention (its split
+    merge in the same launch); no torch work that grows with the layers (no index_put_, no NaN
+    fix-up, no second reduce, no separate glu)."""
     import collections
 
     import triton.runtime.interpreter as interpreter
@@ -303,7 +305,7 @@ def test_a_w4_decode_step_launches_nine_kernels_per_layer(tiny, monkeypatch):
     with TorchOps():
         cm._backend.run(feeds, donate=True)
     per_layer = {
-        "dequant_matmul_kernel": 4, "rotary_kernel": 1, "glu_kernel": 1,
+        "dequant_matmul_kernel": 4, "rotary_kernel": 1,
         "flash_decode_split_kernel": 1,  # 4 key chunks, merged by the last one
     }  # fmt: skip
     for name, count in per_layer.items():

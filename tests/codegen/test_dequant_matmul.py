@@ -139,6 +139,44 @@ def test_split_k_in_one_launch_equals_the_two_kernel_reduction(m, monkeypatch):
     torch.testing.assert_close(one.float(), want.float(), rtol=2e-2, atol=0.2)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,  # the heuristic
+        Config("gemv", 1, 16, 16, split_k=3, num_stages=2),
+        Config("gemv", 2, 16, 16, split_k=3, num_stages=2, serial_reduce=False),
+        Config("splitk", 16, 32, 16, split_k=2, num_stages=2),
+        Config("gemm", 32, 32, 32),
+    ],
+    ids=["default", "gemv-serial", "gemv-two-kernels", "splitk", "gemm"],
+)
+@pytest.mark.parametrize("act", ["glu_silu", "glu_gelu", "glu_gelu_tanh"])
+def test_gated_epilogue_is_the_glu_of_the_interleaved_halves(config, act):
+    """A merged [gate | up] weight, its columns interleaved, computes act(gate) * up in the
+    epilogue: the same as the unfused GEMM followed by the GLU, N/2 columns out (F = 20: the
+    last tile is partial)."""
+    from kompakt.codegen.dequant_matmul import interleave_halves
+    from kompakt.codegen.dequant_matmul.reference import activation
+
+    q, scale, zero = _quantized(64, 40, 32, 4, seed=3)
+    plain = pack(q, scale, zero, 4, 32, torch.float32)
+    merged = pack(*(interleave_halves(t) for t in (q, scale, zero)), 4, 32, torch.float32)
+    bias = torch.randn(40)
+    for m in (1, 5):
+        x = torch.randn(m, 64)
+        y = kernel.launch_dequant_matmul(x, merged, interleave_halves(bias), act, None, config)
+        unfused = dequant_matmul_reference(x, plain, bias)
+        gate, up = unfused.split(20, dim=-1)
+        want = activation(gate, act.removeprefix("glu_")) * up
+        assert y.shape == (m, 20)
+        torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+        ref = dequant_matmul_reference(x, merged, interleave_halves(bias), act)
+        torch.testing.assert_close(ref, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(CodegenError, match="needs an even N"):
+        odd = pack(q[:, :39], scale[:, :39], zero[:, :39], 4, 32, torch.float32)
+        kernel.launch_dequant_matmul(torch.randn(1, 64), odd, act=act)
+
+
 def test_tile_counters_are_shared_and_bounded():
     from kompakt.codegen.counters import MAX_COUNTED_TILES, tile_counters
 

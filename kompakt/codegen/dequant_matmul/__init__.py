@@ -7,16 +7,23 @@ W4A16/W8A16 weight-only quantization's kernel family. ``layout.py`` packs the IR
 """
 
 from kompakt.codegen.dequant_matmul.layout import PackedWeight, pack, unpack
-from kompakt.codegen.dequant_matmul.reference import ACTIVATIONS, dequant_matmul_reference
+from kompakt.codegen.dequant_matmul.reference import (
+    ACTIVATIONS,
+    GLU_ACTIVATIONS,
+    dequant_matmul_reference,
+    interleave_halves,
+)
 from kompakt.codegen.dequant_matmul.spec import Config, choose_config, cost
 
 __all__ = [
     "ACTIVATIONS",
+    "GLU_ACTIVATIONS",
     "Config",
     "PackedWeight",
     "choose_config",
     "cost",
     "dequant_matmul_reference",
+    "interleave_halves",
     "pack",
     "unpack",
 ]

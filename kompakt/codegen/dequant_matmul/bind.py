@@ -17,13 +17,22 @@ import torch
 from kompakt.codegen.autotune import AutotuneCache
 from kompakt.codegen.binding import input_roles
 from kompakt.codegen.dequant_matmul.layout import pack
+from kompakt.codegen.dequant_matmul.reference import GLU_ACTIVATIONS, interleave_halves
 from kompakt.codegen.dequant_matmul.spec import choose_config
 from kompakt.codegen.dequant_matmul.tuning import cache_key, heuristic, launch_choice
 from kompakt.codegen.devices import autotune_device, tuning_arch
 from kompakt.ir.fused import body_of
 from kompakt.ir.tensors import to_torch, torch_dtype
 
-_ROLES = ("q", "scale", "zero", "x", "bias", "residual")
+_ROLES = (
+    "q",
+    "scale",
+    "zero",
+    "x",
+    "bias",
+    "residual",
+    "split_sizes",
+)  # sizes: checked by the pass
 _BITS = {ir.DataType.INT4: 4, ir.DataType.UINT4: 4, ir.DataType.INT8: 8, ir.DataType.UINT8: 8}
 
 
@@ -48,11 +57,16 @@ def bind(node: ir.Node, device: torch.device) -> Callable[..., torch.Tensor]:
     bits = _BITS[q_value.dtype]
     if group < k:
         choose_config(1, q.shape[1], k, group, bits)  # raises for groups the kernels cannot tile
-    packed = pack(q, scale, zero, bits, group, dtype).to(device)
+    act = node.attributes["act"].as_string()
+    glu = act in GLU_ACTIVATIONS
+    # a gated activation reads [gate | up] with their columns interleaved: each output tile
+    # then holds both halves of its columns (reference.interleave_halves)
+    order = interleave_halves if glu else (lambda t: t)
+    packed = pack(order(q), order(scale), None if zero is None else order(zero), bits, group, dtype)
+    packed = packed.to(device)
     bias = None
     if "bias" in index:
-        bias = to_torch(node.inputs[index["bias"]].const_value).to(device)
-    act = node.attributes["act"].as_string()
+        bias = order(to_torch(node.inputs[index["bias"]].const_value)).to(device)
     x_at, residual_at = index["x"], index.get("residual")
     tuned = AutotuneCache.for_device(autotune_device(device))
     arch = tuning_arch(device)

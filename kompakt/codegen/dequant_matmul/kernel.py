@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kompakt.codegen.counters import tile_counters
 from kompakt.codegen.dequant_matmul.layout import PackedWeight
-from kompakt.codegen.dequant_matmul.reference import ACTIVATIONS
+from kompakt.codegen.dequant_matmul.reference import ACTIVATIONS, gated
 from kompakt.codegen.dequant_matmul.spec import Config, choose_config
 from kompakt.errors import CodegenError
 
@@ -52,14 +52,21 @@ def _activation(y, ACT: tl.constexpr):
 def _epilogue(
     acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GLU: tl.constexpr = False, BLOCK_M: tl.constexpr = 16,
+    BLOCK_N: tl.constexpr = 16,
 ):  # fmt: skip
     n_ok = rn < N
     if PER_CHANNEL:  # one scale per column: applied once here instead of per weight
         acc = acc * tl.load(scales_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, ACT)
+    if GLU:  # columns alternate gate and up: out[:, j] = act(gate_j) * up_j, N / 2 columns
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        acc = _activation(gate, ACT) * up
+        rn = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        n_ok = rn < N // 2
+    else:
+        acc = _activation(acc, ACT)
     mask = (rm < M)[:, None] & n_ok[None, :]
     if HAS_RESIDUAL:
         res = tl.load(residual_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
@@ -78,6 +85,7 @@ def dequant_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.constexpr = False,
     EVEN_K: tl.constexpr = False, counter_ptr=None, SERIAL_REDUCE: tl.constexpr = False,
+    GLU: tl.constexpr = False,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -138,7 +146,7 @@ def dequant_matmul_kernel(
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
     if SPLIT_K == 1:
         _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
-                  stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
+                  stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, GLU, BLOCK_M, BLOCK_N)  # fmt: skip
     else:
         offs = pid_k * M * N + rm[:, None] * N + rn[None, :]
         tl.store(partial_ptr + offs, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -146,7 +154,7 @@ def dequant_matmul_kernel(
             _reduce_if_last(
                 partial_ptr, counter_ptr, pid_m * tl.num_programs(0) + pid_n, rm, rn, M, N,
                 scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm, stride_om,
-                PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, SPLIT_K, BLOCK_M, BLOCK_N,
+                PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, SPLIT_K, BLOCK_M, BLOCK_N, GLU,
             )  # fmt: skip
 
 
@@ -155,7 +163,7 @@ def _reduce_if_last(
     partial_ptr, counter_ptr, tile, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr,
     stride_rm, stride_om, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, GLU: tl.constexpr,
 ):  # fmt: skip
     """Split-K without a second launch: the split that finishes a tile last sums every split's
     partials (in split order: deterministic) and runs the epilogue, then re-arms the tile's
@@ -170,7 +178,7 @@ def _reduce_if_last(
             offs = s * M * N + rm[:, None] * N + rn[None, :]
             acc += tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
         _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
-                  stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
+                  stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, GLU, BLOCK_M, BLOCK_N)  # fmt: skip
         tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -179,7 +187,7 @@ def _reduce_kernel(
     partial_ptr, scales_ptr, bias_ptr, residual_ptr, out_ptr, M, N, stride_rm, stride_om,
     PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, GLU: tl.constexpr = False,
 ):  # fmt: skip
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,7 +198,7 @@ def _reduce_kernel(
             partial_ptr + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0
         )
     _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
-              stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL)  # fmt: skip
+              stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, GLU, BLOCK_M, BLOCK_N)  # fmt: skip
 
 
 def launch_dequant_matmul(
@@ -207,23 +215,28 @@ def launch_dequant_matmul(
         raise CodegenError(f"x has {x.shape[-1]} features but the weight expects K = {k}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise CodegenError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if act not in _ACT_CODES:
-        raise CodegenError(f"unknown activation '{act}'; known: {', '.join(ACTIVATIONS)}")
+    try:
+        glu, base_act = gated(act)
+    except ValueError as err:
+        raise CodegenError(str(err)) from None
+    if glu and n % 2:
+        raise CodegenError(f"a gated activation ({act}) needs an even N, got {n}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    n_out = n // 2 if glu else n  # a gated activation pairs the weight's columns
+    out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
     if m == 0:
-        return out.reshape(*lead, n)
+        return out.reshape(*lead, n_out)
     res2 = None
     if residual is not None:
-        if tuple(residual.shape) != (*lead, n):
+        if tuple(residual.shape) != (*lead, n_out):
             raise CodegenError(
-                f"residual shape {list(residual.shape)} does not match the output {[*lead, n]}"
+                f"residual shape {list(residual.shape)} does not match the output {[*lead, n_out]}"
             )
-        res2 = residual.reshape(-1, n)
+        res2 = residual.reshape(-1, n_out)
         if res2.stride(-1) != 1:
             res2 = res2.contiguous()
     if bias is not None and tuple(bias.shape) != (n,):
@@ -247,8 +260,9 @@ def launch_dequant_matmul(
     flags = dict(
         PER_CHANNEL=per_channel,
         HAS_BIAS=bias is not None,
-        ACT=_ACT_CODES[act],
+        ACT=_ACT_CODES[base_act],
         HAS_RESIDUAL=res2 is not None,
+        GLU=glu,
     )
     dequant_matmul_kernel[grid](
         x2, weight.qweight, weight.scales, weight.zeros,
@@ -271,4 +285,4 @@ def launch_dequant_matmul(
             0 if res2 is None else res2.stride(0), out.stride(0), **flags,
             SPLIT_K=config.split_k, BLOCK_M=block_m, BLOCK_N=128,
         )  # fmt: skip
-    return out.reshape(*lead, n)
+    return out.reshape(*lead, n_out)

@@ -139,7 +139,7 @@ def aot_variants(arch: str) -> list[Variant]:
             BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=0, HAS_RESIDUAL=True,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
             USE_DOT=c.use_dot, UPCAST=False, EVEN_K=True,
-            SERIAL_REDUCE=c.split_k > 1 and c.serial_reduce,
+            SERIAL_REDUCE=c.split_k > 1 and c.serial_reduce, GLU=False,
         )  # fmt: skip
         # contiguous x, residual and y, as the launcher passes them
         ints = dict(M=m, N=4096, K=4096, stride_xm=4096, stride_rm=4096, stride_om=4096)
@@ -150,4 +150,15 @@ def aot_variants(arch: str) -> list[Variant]:
                     int_args=ints,
                 )
             )  # fmt: skip
+    # Llama-7B's merged gate/up at decode: 2 x 11008 interleaved columns, SwiGLU in the epilogue
+    c = choose_config(1, 22016, 4096, 128, 4, arch)
+    glu = dict(
+        BITS=4, GROUP=128, PER_CHANNEL=False, HAS_BIAS=False, ACT=2, HAS_RESIDUAL=False,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=c.split_k,
+        USE_DOT=c.use_dot, UPCAST=False, EVEN_K=True, SERIAL_REDUCE=c.split_k > 1, GLU=True,
+    )  # fmt: skip
+    ints = dict(M=1, N=22016, K=4096, stride_xm=4096, stride_rm=0, stride_om=11008)
+    variants.append(
+        Variant(_KERNEL, _signature("fp16"), glu, arch, c.num_warps, c.num_stages, int_args=ints)
+    )
     return variants

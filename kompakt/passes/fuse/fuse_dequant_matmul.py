@@ -4,7 +4,9 @@ Weight-only quantized layers (W4A16/W8A16) are written as DequantizeLinear feedi
 by op, the float weight is materialized in memory every call, which costs more than the int4 saves.
 Fused, one kernel reads the packed integers and dequantizes tile by tile in registers (codegen
 family ``dequant_matmul``), and applies what follows the MatMul in the same pass over the output:
-a bias, an activation, a residual add.
+a bias, an activation, a residual add, or the gated activation of a merged gate/up projection
+(``act(gate) * up``, read from the halves of the GEMM's output), so the glu kernel's launch and
+the [M, 2F] round trip through memory go too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.ir.fused import fuse_nodes
+from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
-from kompakt.passes.fuse.match import Roles, other_input, same_shape, single_consumer
+from kompakt.passes.fuse.fuse_glu import match_glu
+from kompakt.passes.fuse.match import (
+    Roles,
+    const_tensor,
+    is_op,
+    other_input,
+    same_shape,
+    single_consumer,
+)
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -38,12 +49,24 @@ class FuseDequantMatMul(Pass):
     ``Mul(y, Sigmoid(y))``. The epilogue grows only while each intermediate has one consumer, so
     nothing computed inside the kernel is needed outside it.
 
+    With ``glu``, a gated MLP's merged gate/up projection (merge-projections' output) takes its
+    GLU in as a gated activation::
+
+        Before: gate, up = Split(MatMul(x, w), axis=-1)       # two equal halves
+                y = Mul(Mul(gate, Sigmoid(gate)), up)          # or Mul(Gelu(gate), up)
+        After:  y = kompakt::FusedKernel[pattern="dequant_matmul", act="glu_silu", ...](q, s, x)
+
+    (the binder interleaves the weight's gate and up columns so that each output tile holds
+    both halves of its columns; fuse-glu's match decides what a GLU is).
+
     Args:
         epilogues: Also take bias, activation and residual into the kernel (else the MatMul only).
+        glu: Also take a Split into gate and up and their GLU (needs ``epilogues``).
     """
 
     name: ClassVar[str] = "fuse-dequant-matmul"
     epilogues: bool = True
+    glu: bool = True
 
     def run(self, model: ir.Model, ctx: CompileContext) -> PassResult:
         fused, kept = 0, []
@@ -55,7 +78,7 @@ class FuseDequantMatMul(Pass):
             if reason:
                 kept.append(f"{matmul.name}: {reason}")
                 continue
-            group, roles, attrs = _grow(model.graph, dq, matmul, self.epilogues)
+            group, roles, attrs = _grow(model.graph, dq, matmul, self.epilogues, self.glu)
             node = fuse_nodes(model, group, "dequant_matmul", attrs)
             node.attributes["roles"] = roles.attribute(node)
             fused += 1
@@ -101,7 +124,7 @@ def _why_not(dq: ir.Node, matmul: ir.Node) -> str | None:
     return None
 
 
-def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
+def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool, glu: bool = True):
     """The group (dq, matmul, epilogue nodes), the roles of each outside input (one value may
     have two, as in ``x + proj(x)``: x and residual), the attributes."""
     roles = Roles()
@@ -122,7 +145,12 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
             roles.add(other, "bias")
             group.append(nxt)
             y, has_bias = nxt.outputs[0], True
-        act_nodes, act = _activation(y, graph)
+        act_nodes, act = _gated(y, graph) if glu else ([], "none")
+        if act_nodes:  # the Split's sizes (two equal halves, checked) ride along
+            split_sizes = act_nodes[0].inputs[1] if len(act_nodes[0].inputs) > 1 else None
+            roles.add(split_sizes, "split_sizes")
+        else:
+            act_nodes, act = _activation(y, graph)
         if act_nodes:
             group.extend(act_nodes)
             y = act_nodes[-1].outputs[0]
@@ -138,6 +166,36 @@ def _grow(graph: ir.Graph, dq: ir.Node, matmul: ir.Node, epilogues: bool):
         ir.AttrInt64("has_residual", int(has_residual)),
     ]
     return group, roles, attrs
+
+
+def _gated(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:
+    """``Split(y)`` into two equal halves of the last axis, feeding ``act(first) * second``:
+    the nodes and ``glu_<act>``; else no nodes."""
+    split = single_consumer(y, graph)
+    if not is_op(split, "Split") or len(split.outputs) != 2 or y.shape is None:
+        return [], "none"
+    rank, n = len(y.shape), y.shape[-1]
+    if split.attributes.get_int("axis", 0) % rank != rank - 1 or not isinstance(n, int) or n % 2:
+        return [], "none"
+    sizes = split.inputs[1] if len(split.inputs) > 1 else None
+    if sizes is not None:
+        tensor = const_tensor(sizes)
+        if tensor is None or [int(v) for v in to_torch(tensor).reshape(-1)] != [n // 2, n // 2]:
+            return [], "none"
+    gate, up = split.outputs
+    if gate.is_graph_output() or up.is_graph_output():
+        return [], "none"
+    starts = [u.node for u in gate.uses() if is_op(u.node, "Sigmoid") or is_op(u.node, "Gelu")]
+    found = match_glu(starts[0], graph) if len(starts) == 1 else None
+    if found is None or isinstance(found, str):
+        return [], "none"
+    nodes, g, u, kind = found
+    inside = {id(node) for node in nodes}
+    if g is not gate or u is not up or any(id(use.node) not in inside for use in gate.uses()):
+        return [], "none"
+    if len(up.uses()) != 1:
+        return [], "none"
+    return [split, *nodes], f"glu_{kind}"
 
 
 def _activation(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:

@@ -48,7 +48,7 @@ class FuseGlu(Pass):
         for node in list(graph):
             if node.graph is not graph or not (is_op(node, "Sigmoid") or is_op(node, "Gelu")):
                 continue
-            found = _match(node, graph)
+            found = match_glu(node, graph)
             if found is None:
                 continue
             if isinstance(found, str):
@@ -64,7 +64,7 @@ class FuseGlu(Pass):
         return PassResult(changed=fused > 0, stats={"fused": fused, "kept": len(kept)}, notes=kept)
 
 
-def _match(start: ir.Node, graph: ir.Graph):
+def match_glu(start: ir.Node, graph: ir.Graph):
     """(nodes, gate, up, kind) for the GLU that ``start`` (a Sigmoid or Gelu) begins; None when
     it begins none; a reason (str) when it is one the kernel cannot take."""
     gate = start.inputs[0]
