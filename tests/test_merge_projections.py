@@ -81,9 +81,13 @@ def test_merged_projections_fuse_and_run_on_triton(captured):
     assert len(fused) == 8  # 2 layers x (qkv, o, gate_up, down), down from 14 unmerged
     wide = [n for n in fused if any(MERGED_KEY in b.metadata_props for b in body_of(n))]
     assert len(wide) == 4
-    for node in wide:  # the Split takes the MatMul's output: no epilogue fused into it
-        assert node.attributes["act"].as_string() == "none"
-        assert [u.node.op_type for u in node.outputs[0].uses()] == ["Split"]
+    acts = sorted(node.attributes["act"].as_string() for node in wide)
+    assert acts == ["glu_silu", "glu_silu", "none", "none"]
+    for node in wide:
+        if node.attributes["act"].as_string() == "none":  # q/k/v: the Split reads the output
+            assert [u.node.op_type for u in node.outputs[0].uses()] == ["Split"]
+        else:  # gate/up: its Split and SwiGLU are the epilogue
+            assert [n.op_type for n in body_of(node)][-4:] == ["Split", "Sigmoid", "Mul", "Mul"]
     unmerged = _compile(captured("llama"), QUANT)
     triton = _compile(captured("llama"), pipeline, backend="triton", device=device)
     ids = tokens(EXAMPLE_SHAPE)

@@ -38,6 +38,10 @@ class FuseGlu(Pass):
     broadcast. Every value inside the group must be read only there (a silu output that something
     else also reads stays unfused). The kernel computes in fp32 and rounds once, where an fp16
     body rounds after each op: equal to the body up to that rounding.
+
+    On weight-only GPU targets fuse-dequant-matmul runs first and takes the GLU of a merged
+    gate/up GEMM into that GEMM's epilogue (its ``glu`` option, with `match_glu` deciding what a
+    GLU is); this pass fuses the GLUs left, e.g. after a float GEMM.
     """
 
     name: ClassVar[str] = "fuse-glu"
