@@ -159,6 +159,21 @@ def dequant_matmul_kernel(
 
 
 @triton.jit
+def _sum_partials(
+    partial_ptr, rm, rn, M, N, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The tile's fp32 partials [SPLIT_K, M, N] summed in split order (deterministic, unlike
+    atomic adds), read past L1 (``.cg``: it may hold an earlier call's lines)."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        offs = s * M * N + rm[:, None] * N + rn[None, :]
+        acc += tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _reduce_if_last(
     partial_ptr, counter_ptr, tile, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr,
     stride_rm, stride_om, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
@@ -172,11 +187,7 @@ def _reduce_if_last(
     tl.debug_barrier()
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if arrived == SPLIT_K - 1:
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(SPLIT_K):
-            offs = s * M * N + rm[:, None] * N + rn[None, :]
-            acc += tl.load(partial_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        acc = _sum_partials(partial_ptr, rm, rn, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
         _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
                   stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, GLU, BLOCK_M, BLOCK_N)  # fmt: skip
         tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")
@@ -191,12 +202,7 @@ def _reduce_kernel(
 ):  # fmt: skip
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for s in range(SPLIT_K):  # a fixed order: the sum is deterministic, unlike atomics
-        acc += tl.load(
-            partial_ptr + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0
-        )
+    acc = _sum_partials(partial_ptr, rm, rn, M, N, SPLIT_K, BLOCK_M, BLOCK_N)
     _epilogue(acc, rm, rn, M, N, scales_ptr, bias_ptr, residual_ptr, out_ptr, stride_rm,
               stride_om, PER_CHANNEL, HAS_BIAS, ACT, HAS_RESIDUAL, GLU, BLOCK_M, BLOCK_N)  # fmt: skip
 

@@ -116,23 +116,18 @@ def _bind_append(node: ir.Node, index: dict[str, int], where: str) -> Callable[.
     # [B, H, N, D] views of what ScatterND indexes as [N, B, H, D] (and v as [S, B, H, D])
     to_bhnd = [perm[1], perm[2], perm[0], perm[3]]
     v_bhsd = [v_perm[1], v_perm[2], v_perm[0], v_perm[3]]
-    at = {role: index[role] for role in ("x", "x2", "cos", "sin", "k_cache", "v_cache")}
-    at.update(positions=index["positions"], v=index["v"])
-    order = [out_roles.index(role) for role in ("x", "k_cache", "v_cache")]
 
     def run(inputs: tuple[torch.Tensor, ...], in_place: bool) -> tuple[torch.Tensor, ...]:
-        k_cache, v_cache = inputs[at["k_cache"]], inputs[at["v_cache"]]
+        k_cache, v_cache = inputs[index["k_cache"]], inputs[index["v_cache"]]
         if not in_place:  # the graph's semantics: the fed caches stay as they were
             k_cache, v_cache = k_cache.clone(), v_cache.clone()
         q = launch_rotary_append(
-            inputs[at["x"]], inputs[at["x2"]], inputs[at["v"]].permute(v_bhsd),
-            inputs[at["cos"]], inputs[at["sin"]], inputs[at["positions"]].reshape(-1),
+            inputs[index["x"]], inputs[index["x2"]], inputs[index["v"]].permute(v_bhsd),
+            inputs[index["cos"]], inputs[index["sin"]], inputs[index["positions"]].reshape(-1),
             k_cache.permute(to_bhnd), v_cache.permute(to_bhnd),
         )  # fmt: skip
-        results: list[torch.Tensor] = [q, q, q]
-        for slot, value in zip(order, (q, k_cache, v_cache), strict=True):
-            results[slot] = value
-        return tuple(results)
+        by_role = {"x": q, "k_cache": k_cache, "v_cache": v_cache}
+        return tuple(by_role[role] for role in out_roles)
 
     def kernel(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return run(inputs, in_place=False)

@@ -251,14 +251,14 @@ def _launch(x, x2, cos, sin, config, append=None):
     x = _unit_feature_stride(x)
     out = torch.empty((batch, heads, seq, head_dim), dtype=x.dtype, device=x.device)
     pair = x2 is not None
-    if append is not None:
+    if not pair:
+        x2, out2 = x, out  # any pointers: PAIR is off, they are never read
+    elif append is not None:
         positions, out2, v, v_out = append  # x2's rows go into the k cache (out2)
         x2 = _unit_feature_stride(x2)
-    elif pair:
+    else:
         x2 = _unit_feature_stride(x2)
         out2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    else:
-        x2, out2 = x, out  # any pointers: PAIR is off, they are never read
     heads2 = x2.shape[1] if pair else 0
     outputs = (out, out2) if pair else (out,)
     if batch * seq * head_dim == 0 or heads + heads2 == 0:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from kompakt.ir.fused import fuse_nodes
 from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
-from kompakt.passes.fuse.match import Roles, const_tensor, is_op
+from kompakt.passes.fuse.match import Roles, attr_ints, const_ints, const_tensor, is_op
 from kompakt.passes.registry import register_pass
 
 _D = ir.DataType
@@ -214,12 +214,12 @@ def _untranspose(kt: ir.Value, group: _Group) -> ir.Value | str:
     """k for k^T = Transpose(k, [0, 1, 3, 2]) or torch.onnx's rank-generic Reshape/Transpose/
     Reshape, whose shape operands must evaluate to [-1, S, D] and [B, H, D, S] of k."""
     node = kt.producer()
-    if is_op(node, "Transpose") and list(_ints(node, "perm") or []) == [0, 1, 3, 2]:
+    if is_op(node, "Transpose") and list(attr_ints(node, "perm") or []) == [0, 1, 3, 2]:
         group.take([node])
         return node.inputs[0]
     why = "k^T is neither Transpose(k, [0, 1, 3, 2]) nor Reshape(Transpose(Reshape(k)))"
     transpose = node.inputs[0].producer() if is_op(node, "Reshape") else None
-    if not is_op(transpose, "Transpose") or list(_ints(transpose, "perm") or []) != [0, 2, 1]:
+    if not is_op(transpose, "Transpose") or list(attr_ints(transpose, "perm") or []) != [0, 2, 1]:
         return why
     first = transpose.inputs[0].producer()
     if not is_op(first, "Reshape") or len(first.outputs[0].uses()) != 1:
@@ -241,7 +241,7 @@ def _untranspose(kt: ir.Value, group: _Group) -> ir.Value | str:
 def _evaluate(value: ir.Value, k: ir.Value, dims: list[int], nodes: list[ir.Node]):
     """A 1-D int shape computed from Shape(k) and constants, with ``dims`` standing for k's dims;
     None for anything else. Collects the nodes it went through."""
-    const = _const_ints(value)
+    const = const_ints(value)
     if const is not None:
         return const
     node = value.producer()
@@ -254,7 +254,7 @@ def _evaluate(value: ir.Value, k: ir.Value, dims: list[int], nodes: list[ir.Node
         result = None if any(p is None for p in parts) else [d for p in parts for d in p]
     elif is_op(node, "Slice") and len(node.inputs) >= 3:
         data = _evaluate(node.inputs[0], k, dims, nodes)
-        bounds = [_const_ints(v) for v in node.inputs[1:]]  # constant bounds only
+        bounds = [const_ints(v) for v in node.inputs[1:]]  # constant bounds only
         starts, ends, axes, steps = (bounds + [None, None])[:4]
         one_axis = starts and ends and len(starts) == len(ends) == 1 and axes in (None, [0], [-1])
         if data is not None and one_axis and steps in (None, [1]):
@@ -272,10 +272,10 @@ def _unrepeat(value: ir.Value):
     unsqueeze = expand.inputs[0].producer() if is_op(expand, "Expand") else None
     if not is_op(unsqueeze, "Unsqueeze"):
         return None
-    axes = _const_ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
+    axes = const_ints(unsqueeze.inputs[1]) if len(unsqueeze.inputs) > 1 else None
     kv, middle = unsqueeze.inputs[0], (unsqueeze.outputs[0], expand.outputs[0])
     shapes = [t.shape for t in (kv, *middle, value)]
-    if (axes or _ints(unsqueeze, "axes")) not in ([2], [-3]) or any(s is None for s in shapes):
+    if (axes or attr_ints(unsqueeze, "axes")) not in ([2], [-3]) or any(s is None for s in shapes):
         return None
     if len(shapes[0]) != 4 or len(shapes[2]) != 5:
         return None
@@ -309,18 +309,6 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, int) or isinstance(b, int):
         return a == b
     return isinstance(a, ir.SymbolicDim) and a.value is not None and a == b
-
-
-def _ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else [int(i) for i in attr.as_ints()]
-
-
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    tensor = const_tensor(value)
-    if tensor is None or tensor.dtype not in (_D.INT64, _D.INT32):
-        return None
-    return [int(d) for d in to_torch(tensor).reshape(-1)]
 
 
 def _scalar(value: ir.Value | None, other: ir.Value | None = None) -> float | None:

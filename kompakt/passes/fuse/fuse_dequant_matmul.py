@@ -17,12 +17,11 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.ir.fused import fuse_nodes
-from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.fuse_glu import match_glu
 from kompakt.passes.fuse.match import (
     Roles,
-    const_tensor,
+    const_ints,
     is_op,
     other_input,
     same_shape,
@@ -178,10 +177,8 @@ def _gated(y: ir.Value, graph: ir.Graph) -> tuple[list[ir.Node], str]:
     if split.attributes.get_int("axis", 0) % rank != rank - 1 or not isinstance(n, int) or n % 2:
         return [], "none"
     sizes = split.inputs[1] if len(split.inputs) > 1 else None
-    if sizes is not None:
-        tensor = const_tensor(sizes)
-        if tensor is None or [int(v) for v in to_torch(tensor).reshape(-1)] != [n // 2, n // 2]:
-            return [], "none"
+    if sizes is not None and const_ints(sizes) != [n // 2, n // 2]:
+        return [], "none"
     gate, up = split.outputs
     if gate.is_graph_output() or up.is_graph_output():
         return [], "none"

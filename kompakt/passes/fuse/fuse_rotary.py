@@ -14,12 +14,11 @@ from typing import ClassVar
 import onnx_ir as ir
 
 from kompakt.ir.fused import body_of, fuse_nodes
-from kompakt.ir.tensors import to_torch
 from kompakt.passes.base import CompileContext, Pass, PassResult
 from kompakt.passes.fuse.kv_append import CacheWrites, find_cache_writes
 from kompakt.passes.fuse.match import (
     Roles,
-    const_tensor,
+    const_ints,
     is_op,
     other_input,
     same_dim,
@@ -245,7 +244,7 @@ def _slice_range(node: ir.Node, dim: int) -> tuple[int, int] | None:
     clamped as ONNX clamps; None unless the bounds are constants, one axis, step 1."""
     if len(node.inputs) >= 3:  # opset >= 10: bounds are inputs (axes, steps optional)
         operands = list(node.inputs[1:5]) + [None] * (5 - len(node.inputs))
-        bounds = [None if v is None else _ints(v) for v in operands]
+        bounds = [None if v is None else const_ints(v) for v in operands]
         if any(v is not None and b is None for v, b in zip(operands, bounds, strict=True)):
             return None  # a bound computed at run time
         starts, ends, axes, steps = bounds
@@ -259,13 +258,6 @@ def _slice_range(node: ir.Node, dim: int) -> tuple[int, int] | None:
 
 def _dims(shape: ir.Shape | None) -> str:
     return "[?]" if shape is None else "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-def _ints(value: ir.Value | None) -> list[int] | None:
-    tensor = const_tensor(value)
-    if tensor is None or tensor.dtype not in (_D.INT64, _D.INT32):
-        return None
-    return [int(v) for v in to_torch(tensor).reshape(-1)]
 
 
 def _pairs(groups: list[_Group], position: dict[int, int]) -> list[list[_Group]]:

@@ -59,6 +59,14 @@ def same_shape(a: ir.Value, b: ir.Value) -> bool:
     return a.shape is not None and b.shape is not None and list(a.shape) == list(b.shape)
 
 
+def const_ints(value: ir.Value | None) -> list[int] | None:
+    """The value's constant int32/int64 tensor flattened to a list, or None."""
+    tensor = const_tensor(value)
+    if tensor is None or tensor.dtype not in (ir.DataType.INT64, ir.DataType.INT32):
+        return None
+    return [int(v) for v in to_torch(tensor).reshape(-1)]
+
+
 def attr_ints(node: ir.Node | None, name: str) -> list[int] | None:
     """The node's ints attribute ``name`` as a list, or None (no node, no attribute)."""
     attr = node.attributes.get(name) if node is not None else None
